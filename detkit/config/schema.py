@@ -1,0 +1,242 @@
+"""Typed config schema (pydantic). Every key a YAML file may set is declared here.
+
+Two top-level configs exist: :class:`DetectionConfig` (``task: detection``, the
+default) and :class:`ClassificationConfig` (``task: classification``, used by
+``tools/pretrain_cls.py``). Unknown keys are errors (``extra="forbid"``).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+NormName = Literal["BN", "FrozenBN", "GN", "SyncBN", ""]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+# --------------------------------------------------------------------------- model
+class BackboneConfig(_Strict):
+    name: str = "resnet50"  # torchvision naming: resnet18 ... wide_resnet101_2
+    norm: NormName = "FrozenBN"
+    freeze_at: int = Field(2, ge=0, le=5)  # 0: nothing; 1: stem; k: stem + first k-1 stages
+    stride_in_1x1: bool = False  # True for Caffe2/MSRA weights
+    zero_init_residual: bool = False
+    out_features: list[str] = ["res2", "res3", "res4", "res5"]
+    weights: Optional[str] = None  # pretrained classification weights (any load_weights format)
+
+
+class FPNConfig(_Strict):
+    out_channels: int = 256
+    norm: NormName = ""
+    top_block: Literal["maxpool", "p6p7", "none"] = "maxpool"
+
+
+class AnchorConfig(_Strict):
+    sizes: list[list[float]] = [[32], [64], [128], [256], [512]]
+    aspect_ratios: list[list[float]] = [[0.5, 1.0, 2.0]]
+    offset: float = 0.0  # 0.0 for torchvision/Detectron2 anchors
+    round_base: bool = False  # torchvision rounds the base (cell) anchors to integers
+
+
+class RPNConfig(_Strict):
+    in_features: list[str] = ["p2", "p3", "p4", "p5", "p6"]
+    num_convs: int = 1
+    iou_thresholds: tuple[float, float] = (0.3, 0.7)
+    allow_low_quality_matches: bool = True
+    batch_size_per_image: int = 256
+    positive_fraction: float = 0.5
+    bbox_reg_weights: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)
+    smooth_l1_beta: float = 1.0 / 9.0  # 0.0 means plain L1
+    loss_weight: float = 1.0
+    pre_nms_topk_train: int = 2000  # per level
+    pre_nms_topk_test: int = 1000
+    post_nms_topk_train: int = 2000  # per image
+    post_nms_topk_test: int = 1000
+    nms_thresh: float = 0.7
+    min_size: float = 1e-3
+    score_thresh: float = 0.0
+
+
+class BoxHeadConfig(_Strict):
+    type: Literal["2fc", "4conv1fc"] = "2fc"
+    fc_dim: int = 1024
+    conv_dim: int = 256
+    norm: NormName = ""  # GN for 4conv1fc
+    pooler_resolution: int = 7
+    pooler_sampling_ratio: int = 0
+    pooler_aligned: bool = True
+    cls_agnostic_bbox_reg: bool = False
+    bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
+    smooth_l1_beta: float = 0.0  # 0.0 means plain L1
+
+
+class MaskHeadConfig(_Strict):
+    num_conv: int = 4
+    conv_dim: int = 256
+    norm: NormName = ""
+    pooler_resolution: int = 14
+    pooler_sampling_ratio: int = 0
+    pooler_aligned: bool = True
+
+
+class ROIHeadsConfig(_Strict):
+    in_features: list[str] = ["p2", "p3", "p4", "p5"]
+    batch_size_per_image: int = 512
+    positive_fraction: float = 0.25
+    iou_threshold: float = 0.5
+    score_thresh_test: float = 0.05
+    nms_thresh_test: float = 0.5
+    detections_per_image: int = 100
+    min_box_size_test: float = 1e-2
+    canonical_box_size: int = 224
+    canonical_level: int = 4
+    box_head: BoxHeadConfig = BoxHeadConfig()
+    mask_head: MaskHeadConfig = MaskHeadConfig()
+
+
+class ModelConfig(_Strict):
+    meta_architecture: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
+    num_classes: Optional[int] = None  # None: taken from the training data
+    weights: Optional[str] = None  # full detector init (any load_weights format)
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
+    pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    input_format: Literal["RGB", "BGR"] = "RGB"  # channel order the backbone expects
+    size_divisibility: int = 32
+    backbone: BackboneConfig = BackboneConfig()
+    fpn: FPNConfig = FPNConfig()
+    anchors: AnchorConfig = AnchorConfig()
+    rpn: RPNConfig = RPNConfig()
+    roi_heads: ROIHeadsConfig = ROIHeadsConfig()
+    mask_threshold: float = 0.5  # binarization threshold for pasted masks
+
+
+# --------------------------------------------------------------------------- data
+class SplitConfig(_Strict):
+    annotations: Optional[str] = None
+    images: Optional[str] = None
+
+
+class DataConfig(_Strict):
+    train: SplitConfig = SplitConfig()
+    val: SplitConfig = SplitConfig()
+    filter_empty: bool = True  # drop training images without usable annotations
+    class_names: Optional[list[str]] = None  # used when no annotations file is given (inference)
+
+
+class InputConfig(_Strict):
+    min_size_train: Union[int, list[int]] = [640, 672, 704, 736, 768, 800]
+    max_size_train: int = 1333
+    min_size_test: int = 800
+    max_size_test: int = 1333
+    hflip_prob: float = 0.5
+    color_jitter: float = 0.0  # strength of brightness/contrast/saturation jitter; 0 disables
+    large_scale_jitter: bool = False
+    lsj_image_size: int = 1024
+    lsj_scale_range: tuple[float, float] = (0.1, 2.0)
+
+
+class DataLoaderConfig(_Strict):
+    num_workers: int = 2
+    aspect_ratio_grouping: bool = True
+
+
+class TrainConfig(_Strict):
+    max_iters: int = 90000
+    batch_size: int = 16  # total over all processes
+    base_lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    weight_decay_norm: float = 0.0
+    weight_decay_bias: Optional[float] = None  # None: same as weight_decay
+    lr_schedule: Literal["multistep", "cosine"] = "multistep"
+    steps: list[int] = [60000, 80000]
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    clip_grad_norm: float = 0.0  # 0 disables
+    amp: Literal["none", "fp16", "bf16"] = "none"  # fp16/bf16 autocast (bf16 also on CPU)
+    ema: bool = False
+    ema_decay: float = 0.9998
+    sync_bn: bool = False
+    seed: int = 42
+    eval_period: int = 0  # 0: only at the end
+    checkpoint_period: int = 5000
+    log_period: int = 20
+    keep_last: int = 3
+    vis_period: int = 0
+    num_vis_images: int = 4
+
+
+class TestConfig(_Strict):
+    batch_size: int = 1
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
+
+
+class DetectionConfig(_Strict):
+    """Root of a detection config (``tools/train_det.py``, ``tools/eval_det.py``, Predictor)."""
+
+    task: Literal["detection"] = "detection"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    input: InputConfig = InputConfig()
+    dataloader: DataLoaderConfig = DataLoaderConfig()
+    train: TrainConfig = TrainConfig()
+    test: TestConfig = TestConfig()
+    output_dir: str = "output"
+
+
+# --------------------------------------------------------------------------- classification
+class ClsModelConfig(_Strict):
+    arch: str = "resnet18"
+    num_classes: Optional[int] = None  # None: number of class folders
+    norm: NormName = "BN"
+    zero_init_residual: bool = True
+    weights: Optional[str] = None
+
+
+class ClsInputConfig(_Strict):
+    size: int = 224
+    resize_ratio: float = 0.875  # val: resize shorter side to size / ratio, then center crop
+    mean: tuple[float, float, float] = (123.675, 116.28, 103.53)
+    std: tuple[float, float, float] = (58.395, 57.12, 57.375)
+    hflip_prob: float = 0.5
+    min_crop_scale: float = 0.08
+
+
+class ClsTrainConfig(_Strict):
+    epochs: int = 90
+    batch_size: int = 256  # total over all processes
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    base_lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    warmup_epochs: float = 5.0
+    amp: Literal["none", "fp16", "bf16"] = "none"
+    seed: int = 42
+    log_period: int = 20
+
+
+class ClsDataConfig(_Strict):
+    train: Optional[str] = None  # ImageFolder root: <root>/<class>/<image>
+    val: Optional[str] = None
+
+
+class ClassificationConfig(_Strict):
+    """Root of a classification pretraining config (``tools/pretrain_cls.py``)."""
+
+    task: Literal["classification"] = "classification"
+    model: ClsModelConfig = ClsModelConfig()
+    data: ClsDataConfig = ClsDataConfig()
+    input: ClsInputConfig = ClsInputConfig()
+    dataloader: DataLoaderConfig = DataLoaderConfig()
+    train: ClsTrainConfig = ClsTrainConfig()
+    output_dir: str = "output"
+
+
+Config = Union[DetectionConfig, ClassificationConfig]
