@@ -120,7 +120,21 @@ class SplitConfig(_Strict):
     images: Optional[str] = None
 
 
+class SyntheticDataConfig(_Strict):
+    """Generate the embedded shapes dataset (detkit.data.synthetic) under ``root`` if missing.
+
+    For detection: ``num_train``/``num_val`` images. For classification: images per class.
+    """
+
+    root: str = "datasets/shapes"
+    num_train: int = 400
+    num_val: int = 50
+    image_size: int = 256
+    seed: int = 0
+
+
 class DataConfig(_Strict):
+    synthetic: Optional[SyntheticDataConfig] = None  # when set, data.train/val point at the generated set
     train: SplitConfig = SplitConfig()
     val: SplitConfig = SplitConfig()
     filter_empty: bool = True  # drop training images without usable annotations
@@ -223,6 +237,7 @@ class ClsTrainConfig(_Strict):
 
 
 class ClsDataConfig(_Strict):
+    synthetic: Optional[SyntheticDataConfig] = None  # generated shapes ImageFolder (per-class counts)
     train: Optional[str] = None  # ImageFolder root: <root>/<class>/<image>
     val: Optional[str] = None
 
