@@ -1,0 +1,108 @@
+"""Running a detector over a dataset and evaluating the results."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Iterable, Literal, Optional
+
+import torch
+from torch import nn
+
+from ..models.detector import rescale_detections
+from .distributed import all_gather_object, is_main_process, unwrap_model
+
+__all__ = ["inference_on_dataset"]
+
+logger = logging.getLogger("detkit.engine")
+
+
+def _precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"test.precision must be 'fp32' or 'bf16', got {precision!r}")
+
+
+def inference_on_dataset(
+    model: nn.Module,
+    data_loader: Iterable[Any],
+    evaluator: Any,
+    precision: Literal["fp32", "bf16"] = "fp32",
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> dict[str, float]:
+    """Predict every batch of ``data_loader`` and return ``evaluator.evaluate()``.
+
+    For each :class:`~detkit.structures.Batch`: ``model.predict(images, paste_masks=False)``,
+    then :func:`~detkit.models.detector.rescale_detections` maps boxes to each image's
+    ``orig_size`` and pastes masks there, and ``evaluator.process(image_ids, detections)``
+    receives them on the CPU. Unreadable images (``batch.skipped``) are counted over all
+    processes and logged. The model's train/eval mode is restored afterwards.
+
+    Under ``torchrun`` every process must call this with its shard of the data
+    (an inference sampler); the evaluator gathers, and the metrics are returned on rank 0
+    (``{}`` elsewhere).
+    """
+    net = unwrap_model(model)
+    if device is None:
+        device = next(net.parameters()).device
+    mask_threshold = float(getattr(net, "mask_threshold", 0.5))
+    was_training = net.training
+    net.eval()
+    evaluator.reset()
+    skipped: list[str] = []
+    num_images = 0
+    total = len(data_loader) if hasattr(data_loader, "__len__") else None  # type: ignore[arg-type]
+    bar = None
+    if progress and is_main_process():
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="eval", unit="batch", dynamic_ncols=True, mininterval=0.5, leave=False)
+    t0 = time.perf_counter()
+    try:
+        with torch.inference_mode():
+            for batch in data_loader:
+                skipped.extend(batch.skipped)
+                if len(batch.images) > 0:
+                    images = [im.to(device, non_blocking=True) for im in batch.images]
+                    with _precision_context(device, precision):
+                        dets = net.predict(images, paste_masks=False)
+                    out = []
+                    for img, det, orig in zip(images, dets, batch.orig_sizes):
+                        det = _to_float32(det)
+                        det = rescale_detections(det, tuple(img.shape[-2:]), tuple(orig), mask_threshold)
+                        out.append(det.to("cpu"))
+                    evaluator.process(batch.image_ids, out)
+                    num_images += len(images)
+                if bar is not None:
+                    bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+        net.train(was_training)
+    elapsed = time.perf_counter() - t0
+    counts = all_gather_object((num_images, skipped))
+    n_total = sum(c[0] for c in counts)
+    all_skipped = [s for c in counts for s in c[1]]
+    if is_main_process():
+        logger.info("Inference on %d images took %.1fs (%.3f s/image)", n_total, elapsed,
+                    elapsed * len(counts) / max(n_total, 1))
+        if all_skipped:
+            logger.warning("%d unreadable images were skipped in evaluation: %s%s", len(all_skipped),
+                           ", ".join(all_skipped[:5]), " ..." if len(all_skipped) > 5 else "")
+    return evaluator.evaluate()
+
+
+def _to_float32(det: Any) -> Any:
+    """bf16 autocast outputs -> float32 (masks included) before rescaling."""
+    from dataclasses import replace
+
+    changes = {}
+    for name in ("boxes", "scores", "masks"):
+        v = getattr(det, name)
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and v.dtype != torch.float32:
+            changes[name] = v.float()
+    return replace(det, **changes) if changes else det
