@@ -1,0 +1,3 @@
+"""detkit models. Builders are re-exported here; submodules are imported on demand."""
+
+from .classifier import build_classifier

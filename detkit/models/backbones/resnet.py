@@ -1,0 +1,319 @@
+"""ResNet / ResNeXt / Wide ResNet backbones with named stage outputs res2..res5.
+
+Module names follow the torchvision layout with Detectron2 stage names:
+``stem.conv1``, ``stem.bn1``, ``res{2..5}.{i}.conv{1,2,3}``, ``res{2..5}.{i}.bn{1,2,3}`` and
+``res{2..5}.{i}.shortcut.{conv,norm}`` for projection shortcuts (torchvision's
+``downsample.{0,1}``). :func:`convert_torchvision_resnet` maps torchvision keys.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ...layers import ConvNormAct, FrozenBatchNorm2d, get_norm
+from ...structures import FeatureSpec
+
+__all__ = [
+    "BasicBlock",
+    "Bottleneck",
+    "Stem",
+    "ResNet",
+    "ARCHS",
+    "STAGE_NAMES",
+    "build_resnet",
+    "convert_torchvision_resnet",
+]
+
+STAGE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 convs with a residual connection (ResNet-18/34). Expansion 1."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_ch: int,
+        planes: int,
+        stride: int = 1,
+        groups: int = 1,
+        width_per_group: int = 64,
+        norm: str = "BN",
+        stride_in_1x1: bool = False,
+    ) -> None:
+        super().__init__()
+        if groups != 1 or width_per_group != 64:
+            raise ValueError("BasicBlock supports only groups=1 and width_per_group=64")
+        out_ch = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_ch, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = get_norm(norm, planes)
+        self.conv2 = nn.Conv2d(planes, out_ch, 3, padding=1, bias=False)
+        self.bn2 = get_norm(norm, out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = ConvNormAct(in_ch, out_ch, 1, stride=stride, padding=0, norm=norm,
+                                        activation=False)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The norm at the end of the residual branch (zeroed by ``zero_init_residual``)."""
+        return self.bn2
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(out + identity)
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce, 3x3 (grouped), 1x1 expand, with a residual connection. Expansion 4.
+
+    The 3x3 has ``groups * int(planes * width_per_group / 64)`` channels (ResNeXt/Wide).
+    ``stride_in_1x1`` puts the stride on the first 1x1 (MSRA/Caffe2 weights) instead of
+    the 3x3 (torchvision, "ResNet v1.5").
+    """
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_ch: int,
+        planes: int,
+        stride: int = 1,
+        groups: int = 1,
+        width_per_group: int = 64,
+        norm: str = "BN",
+        stride_in_1x1: bool = False,
+    ) -> None:
+        super().__init__()
+        width = int(planes * (width_per_group / 64.0)) * groups
+        out_ch = planes * self.expansion
+        stride_1x1, stride_3x3 = (stride, 1) if stride_in_1x1 else (1, stride)
+        self.conv1 = nn.Conv2d(in_ch, width, 1, stride=stride_1x1, bias=False)
+        self.bn1 = get_norm(norm, width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride_3x3, padding=1, groups=groups,
+                               bias=False)
+        self.bn2 = get_norm(norm, width)
+        self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
+        self.bn3 = get_norm(norm, out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module | None = None
+        if stride != 1 or in_ch != out_ch:
+            self.shortcut = ConvNormAct(in_ch, out_ch, 1, stride=stride, padding=0, norm=norm,
+                                        activation=False)
+
+    @property
+    def last_norm(self) -> nn.Module:
+        """The norm at the end of the residual branch (zeroed by ``zero_init_residual``)."""
+        return self.bn3
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.relu(out + identity)
+
+
+class Stem(nn.Module):
+    """7x7/2 conv (64 channels), norm, ReLU, 3x3/2 max pool: stride 4."""
+
+    def __init__(self, in_ch: int = 3, out_ch: int = 64, norm: str = "BN") -> None:
+        super().__init__()
+        self.out_channels = out_ch
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 7, stride=2, padding=3, bias=False)
+        self.bn1 = get_norm(norm, out_ch)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+
+Block = Union[type[BasicBlock], type[Bottleneck]]
+
+# name -> (block, blocks per stage, groups, width_per_group)
+ARCHS: dict[str, tuple[Block, tuple[int, int, int, int], int, int]] = {
+    "resnet18": (BasicBlock, (2, 2, 2, 2), 1, 64),
+    "resnet34": (BasicBlock, (3, 4, 6, 3), 1, 64),
+    "resnet50": (Bottleneck, (3, 4, 6, 3), 1, 64),
+    "resnet101": (Bottleneck, (3, 4, 23, 3), 1, 64),
+    "resnet152": (Bottleneck, (3, 8, 36, 3), 1, 64),
+    "resnext50_32x4d": (Bottleneck, (3, 4, 6, 3), 32, 4),
+    "resnext101_32x8d": (Bottleneck, (3, 4, 23, 3), 32, 8),
+    "resnext101_64x4d": (Bottleneck, (3, 4, 23, 3), 64, 4),
+    "wide_resnet50_2": (Bottleneck, (3, 4, 6, 3), 1, 128),
+    "wide_resnet101_2": (Bottleneck, (3, 4, 23, 3), 1, 128),
+}
+
+
+class ResNet(nn.Module):
+    """ResNet body returning a dict of the requested stage outputs.
+
+    Args:
+        block: :class:`BasicBlock` or :class:`Bottleneck`.
+        layers: number of blocks in res2..res5.
+        groups, width_per_group: ResNeXt cardinality and per-group width (Wide: 128).
+        norm: norm name for every layer (see :func:`detkit.layers.get_norm`).
+        stride_in_1x1: put the stage stride on the first 1x1 of bottlenecks.
+        zero_init_residual: zero the last norm's weight of each residual branch.
+        out_features: which of res2..res5 ``forward`` returns; stages after the
+            last requested one are not built.
+        freeze_at: see :meth:`freeze`.
+
+    Attributes:
+        output_specs: ``{name: FeatureSpec(channels, stride)}`` for ``out_features``.
+    """
+
+    def __init__(
+        self,
+        block: Block,
+        layers: Sequence[int],
+        groups: int = 1,
+        width_per_group: int = 64,
+        norm: str = "BN",
+        stride_in_1x1: bool = False,
+        zero_init_residual: bool = False,
+        out_features: Sequence[str] = STAGE_NAMES,
+        freeze_at: int = 0,
+    ) -> None:
+        super().__init__()
+        out_features = tuple(out_features)
+        bad = [f for f in out_features if f not in STAGE_NAMES]
+        if bad or not out_features:
+            raise ValueError(f"ResNet out_features {list(out_features)} invalid; choose from "
+                             f"{list(STAGE_NAMES)}")
+        if len(layers) != 4:
+            raise ValueError(f"ResNet needs 4 stage depths, got {list(layers)}")
+        self.out_features = out_features
+        self.stem = Stem(3, 64, norm)
+        num_stages = max(STAGE_NAMES.index(f) for f in out_features) + 1
+        self.stage_names: tuple[str, ...] = STAGE_NAMES[:num_stages]
+
+        specs: dict[str, FeatureSpec] = {}
+        in_ch, stride = self.stem.out_channels, 4
+        for i, name in enumerate(self.stage_names):
+            planes = 64 * 2**i
+            first_stride = 1 if i == 0 else 2
+            blocks = []
+            for j in range(layers[i]):
+                blocks.append(block(in_ch, planes, first_stride if j == 0 else 1, groups,
+                                    width_per_group, norm, stride_in_1x1))
+                in_ch = planes * block.expansion
+            stride *= first_stride
+            self.add_module(name, nn.Sequential(*blocks))
+            specs[name] = FeatureSpec(channels=in_ch, stride=stride)
+        self.output_specs: dict[str, FeatureSpec] = {k: specs[k] for k in out_features}
+        self._init_weights(zero_init_residual)
+        self.freeze(freeze_at)
+
+    def _init_weights(self, zero_init_residual: bool) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, (BasicBlock, Bottleneck)):
+                    norm = m.last_norm
+                    if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
+                                         FrozenBatchNorm2d)):
+                        with torch.no_grad():
+                            norm.weight.zero_()
+
+    def freeze(self, freeze_at: int) -> "ResNet":
+        """Freeze the stem (``freeze_at >= 1``) and res2..res{freeze_at} (``freeze_at >= 2``).
+
+        Frozen parameters get ``requires_grad = False`` and their BatchNorms are
+        replaced by :class:`FrozenBatchNorm2d`, so ``train()`` cannot change their
+        statistics. ``0`` freezes nothing. Returns ``self``.
+        """
+        if not 0 <= freeze_at <= 5:
+            raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
+        frozen = ["stem"] + list(STAGE_NAMES)
+        for name in frozen[:freeze_at]:
+            if not hasattr(self, name):
+                continue
+            module = getattr(self, name)
+            for p in module.parameters():
+                p.requires_grad_(False)
+            setattr(self, name, FrozenBatchNorm2d.convert_frozen_batchnorm(module))
+        return self
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        """``x``: [N, 3, H, W] -> ``{name: [N, C, H / stride, W / stride]}`` for out_features."""
+        if x.dim() != 4:
+            raise ValueError(f"ResNet expects a [N, C, H, W] tensor, got shape {tuple(x.shape)}")
+        outputs: dict[str, Tensor] = {}
+        x = self.stem(x)
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
+            if name in self.output_specs:
+                outputs[name] = x
+        return outputs
+
+
+def build_resnet(
+    name: str,
+    norm: str = "FrozenBN",
+    freeze_at: int = 2,
+    stride_in_1x1: bool = False,
+    zero_init_residual: bool = False,
+    out_features: Sequence[str] = STAGE_NAMES,
+) -> ResNet:
+    """Build a named ResNet variant (torchvision names, e.g. ``resnet50``, ``resnext101_32x8d``).
+
+    ``freeze_at``: 0 nothing frozen, 1 stem, k >= 2 stem and res2..res{k}.
+    Raises ValueError for an unknown name.
+    """
+    if name not in ARCHS:
+        raise ValueError(f"unknown ResNet architecture {name!r}; valid names are {list(ARCHS)}")
+    block, layers, groups, width = ARCHS[name]
+    return ResNet(
+        block,
+        layers,
+        groups=groups,
+        width_per_group=width,
+        norm=norm,
+        stride_in_1x1=stride_in_1x1,
+        zero_init_residual=zero_init_residual,
+        out_features=out_features,
+        freeze_at=freeze_at,
+    )
+
+
+_TV_LAYER = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+
+
+def convert_torchvision_resnet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename torchvision ResNet keys to detkit's.
+
+    ``conv1/bn1`` -> ``stem.conv1/stem.bn1``; ``layer{k}.{i}.*`` -> ``res{k+1}.{i}.*`` with
+    ``downsample.0/1`` -> ``shortcut.conv/shortcut.norm``; ``fc.*`` keeps its name (the
+    classifier head). Other keys are passed through unchanged. Values are not copied.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new = key
+        if key.startswith(("conv1.", "bn1.")):
+            new = "stem." + key
+        else:
+            m = _TV_LAYER.match(key)
+            if m:
+                stage, idx, rest = m.groups()
+                rest = re.sub(r"^downsample\.0\.", "shortcut.conv.", rest)
+                rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+                new = f"res{int(stage) + 1}.{idx}.{rest}"
+        out[new] = value
+    return out
