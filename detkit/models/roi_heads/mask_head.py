@@ -1,0 +1,256 @@
+"""Mask R-CNN mask head, its loss, test-time mask selection and mask pasting.
+
+Parameter names of :class:`MaskRCNNHead` (the torchvision checkpoint conversion maps onto them):
+``convs.{i}`` (ConvNormAct: ``.conv``, ``.norm``), ``deconv`` (ConvTranspose2d 2x2, stride 2),
+``predictor`` (Conv2d 1x1 to K channels, or 1 when class-agnostic).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from detkit.layers import ConvNormAct
+
+__all__ = ["MaskRCNNHead", "mask_rcnn_loss", "mask_rcnn_inference", "paste_masks_in_image"]
+
+
+class MaskRCNNHead(nn.Module):
+    """``len(conv_dims)`` 3x3 ConvNormAct, a 2x upsampling deconv + ReLU, and a 1x1 mask predictor.
+
+    Maps [R, C, S, S] pooled features to [R, K, 2S, 2S] mask logits (K = 1 if class-agnostic).
+
+    Args:
+        in_channels: channels of the pooled features.
+        num_classes: K foreground classes.
+        conv_dims: output channels of each 3x3 conv (four 256 in the standard head).
+        norm: :func:`detkit.layers.get_norm` name for the convs ("" or "GN" typically).
+        cls_agnostic: predict one mask for all classes.
+
+    Init as torchvision: Kaiming normal (fan_out, ReLU) weights, zero biases.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        conv_dims: Sequence[int] = (256, 256, 256, 256),
+        norm: str = "",
+        cls_agnostic: bool = False,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"MaskRCNNHead: num_classes={num_classes}; need at least one class.")
+        self.num_classes = num_classes
+        self.cls_agnostic = cls_agnostic
+        self.convs = nn.ModuleList()
+        channels = in_channels
+        for dim in conv_dims:
+            self.convs.append(ConvNormAct(channels, dim, 3, norm=norm, activation=True))
+            channels = dim
+        self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
+        self.predictor = nn.Conv2d(channels, 1 if cls_agnostic else num_classes, kernel_size=1)
+
+        convs = [block.conv for block in self.convs] + [self.deconv, self.predictor]
+        for conv in convs:
+            nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            if conv.bias is not None:
+                nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, C, S, S] -> mask logits [R, K or 1, 2S, 2S]."""
+        for conv in self.convs:
+            x = conv(x)
+        x = F.relu(self.deconv(x))
+        return self.predictor(x)
+
+
+def _select_class(mask_logits: Tensor, classes: Tensor) -> Tensor:
+    """[R, K, M, M] logits and int64 [R] classes -> [R, M, M] (channel 0 if class-agnostic)."""
+    if mask_logits.shape[1] == 1:
+        return mask_logits[:, 0]
+    return mask_logits[torch.arange(mask_logits.shape[0], device=mask_logits.device), classes]
+
+
+def mask_rcnn_loss(
+    mask_logits: Tensor,
+    proposal_boxes: Sequence[Tensor],
+    gt_masks: Sequence[Tensor],
+    matched_idxs: Sequence[Tensor],
+    gt_classes: Tensor,
+) -> Tensor:
+    """Per-pixel binary cross-entropy of the GT class's mask, averaged over pixels and RoIs.
+
+    The target of each positive proposal is its matched GT mask cropped and resized to
+    the head's M x M output with ``roi_align`` (aligned=False, adaptive sampling), as
+    torchvision's ``project_masks_on_boxes``; soft values in [0, 1] are used as-is.
+
+    Args:
+        mask_logits: [P, K or 1, M, M] for the positive proposals of all images (in image order).
+        proposal_boxes: per image [Pi, 4] positive proposal boxes.
+        gt_masks: per image uint8/bool [Gi, H, W] GT masks at image resolution.
+        matched_idxs: per image int64 [Pi] index of each proposal's GT in ``gt_masks[i]``.
+        gt_classes: int64 [P] class of each positive proposal's GT, in [0, K).
+
+    Returns:
+        Scalar loss; ``0 * mask_logits.sum()`` (keeps the graph) when there are no positives.
+    """
+    mask_size = mask_logits.shape[-1]
+    if mask_logits.shape[0] == 0:
+        return mask_logits.sum() * 0.0
+    targets = []
+    for boxes, masks, idxs in zip(proposal_boxes, gt_masks, matched_idxs):
+        if boxes.shape[0] == 0:
+            continue
+        rois = torch.cat([idxs.to(boxes.dtype)[:, None], boxes], dim=1)  # (Pi, 5)
+        # (Gi, H, W) -> (Gi, 1, H, W): each GT mask is its own "image" for roi_align
+        masks = masks[:, None].to(device=boxes.device, dtype=boxes.dtype)
+        targets.append(roi_align(masks, rois, (mask_size, mask_size), 1.0, 0, False)[:, 0])
+    target = torch.cat(targets, dim=0).float()
+    logits = _select_class(mask_logits, gt_classes).float()
+    return F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
+
+
+def mask_rcnn_inference(mask_logits: Tensor, labels: Sequence[Tensor]) -> list[Tensor]:
+    """Probabilities of each detection's predicted class.
+
+    Args:
+        mask_logits: [D, K or 1, M, M] for the detections of all images (in image order).
+        labels: per image int64 [Di] predicted classes.
+
+    Returns:
+        Per image f32 [Di, 1, M, M] sigmoid probabilities.
+    """
+    classes = torch.cat(list(labels), dim=0)
+    probs = _select_class(mask_logits, classes).float().sigmoid()[:, None]  # (D, M, M) -> (D, 1, M, M)
+    return list(probs.split([len(lab) for lab in labels], dim=0))
+
+
+def _interp_weights(start: Tensor, length: Tensor, src_size: int, out_size: int) -> Tensor:
+    """Bilinear resize weights along one axis, as ``F.interpolate(align_corners=False)``.
+
+    Row n maps a source of ``src_size`` samples onto the integer span
+    ``[start[n], start[n] + length[n])`` of an output axis of ``out_size`` pixels;
+    pixels outside the span get all-zero weights.
+
+    Args:
+        start: int64 [N] first output pixel of each span (may be negative or beyond the axis).
+        length: int64 [N] span lengths; a span of length <= 0 gets no pixels.
+
+    Returns:
+        float32 [N, out_size, src_size].
+    """
+    n = start.shape[0]
+    pix = torch.arange(out_size, device=start.device)
+    dst = pix[None, :] - start[:, None]  # (N, out) position inside the span
+    inside = (dst >= 0) & (dst < length[:, None])
+    scale = float(src_size) / length.clamp(min=1).to(torch.float32)  # same float32 scale as interpolate
+    src = ((dst.to(torch.float32) + 0.5) * scale[:, None] - 0.5).clamp(min=0)
+    i0 = src.to(torch.int64).clamp(max=src_size - 1)
+    i1 = (i0 + 1).clamp(max=src_size - 1)
+    lam1 = (src - i0.to(torch.float32)).clamp(0, 1)
+    lam0 = 1.0 - lam1
+    zero = torch.zeros((), device=start.device)
+    weights = torch.zeros((n, out_size, src_size), device=start.device)
+    weights.scatter_add_(2, i0[..., None], torch.where(inside, lam0, zero)[..., None])
+    weights.scatter_add_(2, i1[..., None], torch.where(inside, lam1, zero)[..., None])
+    return weights
+
+
+def paste_masks_in_image(
+    masks: Tensor,
+    boxes: Tensor,
+    image_size: tuple[int, int],
+    threshold: float = 0.5,
+    max_chunk_pixels: int = 1 << 22,
+) -> Tensor:
+    """Resize M x M mask probabilities into their boxes on an h x w image and binarize.
+
+    Reproduces ``torchvision.models.detection.roi_heads.paste_masks_in_image``: each mask
+    is zero-padded by one pixel and its box enlarged by ``(M + 2) / M`` around its center,
+    the box is truncated to integers, the padded mask is bilinearly resized to
+    ``(y2 - y1 + 1, x2 - x1 + 1)`` pixels (align_corners=False) and placed at
+    ``(x1, y1)``, clipped to the image.
+
+    Instead of torchvision's loop over masks, masks are sorted by the size of their
+    visible box and processed in chunks: the separable bilinear resize of a chunk is two
+    batched matrix products ``Wy @ mask @ Wx^T`` over crops of the chunk's largest box
+    (work grows with box area, not image area), and the crops are scattered into the
+    output with one indexed write per chunk.
+
+    Args:
+        masks: float [N, M, M] (or [N, 1, M, M]) probabilities.
+        boxes: [N, 4] xyxy boxes in the image's pixels.
+        image_size: (h, w) of the output.
+        threshold: a pixel is in the mask when its probability is > threshold.
+        max_chunk_pixels: bound on the crop pixels (masks x crop area) computed at once.
+
+    Returns:
+        bool [N, h, w] on the masks' device.
+    """
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    if masks.dim() != 3 or masks.shape[-1] != masks.shape[-2] or tuple(boxes.shape) != (masks.shape[0], 4):
+        raise ValueError(
+            f"paste_masks_in_image: expected masks [N, M, M] and boxes [N, 4], got {tuple(masks.shape)} "
+            f"and {tuple(boxes.shape)}."
+        )
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    num = masks.shape[0]
+    device = masks.device
+    out = torch.zeros((num, im_h, im_w), dtype=torch.bool, device=device)
+    if num == 0 or im_h == 0 or im_w == 0:
+        return out
+
+    padding = 1
+    size = masks.shape[-1]
+    src_size = size + 2 * padding
+    padded = F.pad(masks.float(), (padding,) * 4)  # (N, M, M) -> (N, M+2, M+2)
+    scale = float(src_size) / size
+    boxes = boxes.to(device=device, dtype=torch.float32)
+    half_w = (boxes[:, 2] - boxes[:, 0]) * 0.5 * scale
+    half_h = (boxes[:, 3] - boxes[:, 1]) * 0.5 * scale
+    ctr_x = (boxes[:, 2] + boxes[:, 0]) * 0.5
+    ctr_y = (boxes[:, 3] + boxes[:, 1]) * 0.5
+    # (N, 4) expanded boxes, truncated toward zero like torchvision's .to(int64)
+    ib = torch.stack([ctr_x - half_w, ctr_y - half_h, ctr_x + half_w, ctr_y + half_h], dim=1).to(torch.int64)
+    widths = ib[:, 2] - ib[:, 0] + 1  # <= 0 only for invalid (x2 < x1) boxes: nothing is pasted
+    heights = ib[:, 3] - ib[:, 1] + 1
+    # visible part of each box: [x0, x0 + cw) x [y0, y0 + ch)
+    x0 = ib[:, 0].clamp(0, im_w)
+    y0 = ib[:, 1].clamp(0, im_h)
+    cw = (ib[:, 2] + 1).clamp(0, im_w) - x0
+    ch = (ib[:, 3] + 1).clamp(0, im_h) - y0
+    cw = torch.where(widths > 0, cw.clamp(min=0), torch.zeros_like(cw))
+    ch = torch.where(heights > 0, ch.clamp(min=0), torch.zeros_like(ch))
+
+    order = torch.argsort(cw * ch)
+    sizes = torch.stack([ch[order], cw[order]], dim=1).tolist()  # one host sync for the chunking
+    begin = 0
+    while begin < num:
+        max_h, max_w = max(sizes[begin][0], 1), max(sizes[begin][1], 1)
+        end = begin + 1
+        while end < num:
+            nh, nw = max(max_h, sizes[end][0]), max(max_w, sizes[end][1])
+            if (end - begin + 1) * nh * nw > max_chunk_pixels:
+                break
+            max_h, max_w, end = nh, nw, end + 1
+        idx = order[begin:end]
+        begin = end
+        # weights over the crop axes: crop pixel p is image pixel y0 + p, box pixel y0 + p - y1
+        wy = _interp_weights(ib[idx, 1] - y0[idx], heights[idx], src_size, max_h)  # (n, Hc, M+2)
+        wx = _interp_weights(ib[idx, 0] - x0[idx], widths[idx], src_size, max_w)  # (n, Wc, M+2)
+        # (n, Hc, M+2) @ (n, M+2, M+2) @ (n, M+2, Wc) -> (n, Hc, Wc)
+        crops = torch.bmm(torch.bmm(wy, padded[idx]), wx.transpose(1, 2)) > threshold
+        rows = torch.arange(max_h, device=device)
+        cols = torch.arange(max_w, device=device)
+        valid = (rows[None, :, None] < ch[idx, None, None]) & (cols[None, None, :] < cw[idx, None, None])
+        valid &= crops  # only True pixels need writing; out is already False elsewhere
+        n_i, r_i, c_i = torch.nonzero(valid, as_tuple=True)
+        flat = (idx[n_i] * im_h + y0[idx][n_i] + r_i) * im_w + x0[idx][n_i] + c_i
+        out.view(-1)[flat] = True
+    return out

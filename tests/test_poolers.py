@@ -1,0 +1,130 @@
+"""MultiScaleRoIAlign: parity with torchvision's pooler and FPN level assignment."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+import torchvision
+
+from detkit.models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
+
+STRIDES = (4, 8, 16, 32)
+SCALES = [1.0 / s for s in STRIDES]
+
+
+def _features(batch: int = 2, channels: int = 4, size: int = 256, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, channels, size // s, size // s, generator=g) for s in STRIDES]
+
+
+def _random_boxes(n: int, size: int, g: torch.Generator) -> torch.Tensor:
+    xy = torch.rand(n, 2, generator=g) * (size - 8)
+    wh = torch.rand(n, 2, generator=g) * (size - xy).clamp(min=2) + 1
+    return torch.cat([xy, (xy + wh).clamp(max=size)], dim=1)
+
+
+def test_level_assignment_hand_picked() -> None:
+    # sqrt(area): 224 -> canonical level 4; 112 -> 3; 448 -> 5; tiny -> clamped to 2; huge -> clamped to 5
+    boxes = torch.tensor(
+        [
+            [0.0, 0.0, 224.0, 224.0],
+            [10.0, 10.0, 122.0, 122.0],
+            [0.0, 0.0, 448.0, 448.0],
+            [0.0, 0.0, 2.0, 2.0],
+            [0.0, 0.0, 2000.0, 2000.0],
+            [0.0, 0.0, 223.0, 223.0],  # just below 224 -> level 3
+            [0.0, 0.0, 56.0, 56.0],  # 224/4 -> level 2
+            [0.0, 0.0, 448.0, 112.0],  # sqrt(area) = 224 -> level 4
+            [5.0, 5.0, 5.0, 9.0],  # zero area -> finest level
+        ]
+    )
+    levels = assign_boxes_to_levels(boxes, min_level=2, max_level=5) + 2
+    assert levels.tolist() == [4, 3, 5, 2, 5, 3, 2, 4, 2]
+    # same as torchvision's LevelMapper
+    mapper = torchvision.ops.poolers.LevelMapper(2, 5)
+    assert torch.equal(levels - 2, mapper([boxes]))
+
+
+def test_level_assignment_custom_canonical() -> None:
+    boxes = torch.tensor([[0.0, 0.0, 100.0, 100.0], [0.0, 0.0, 50.0, 50.0]])
+    levels = assign_boxes_to_levels(boxes, 2, 6, canonical_box_size=100, canonical_level=5) + 2
+    assert levels.tolist() == [5, 4]
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(2, False), (0, False)])
+def test_parity_with_torchvision(sampling_ratio: int, aligned: bool) -> None:
+    size = 512
+    feats = _features(size=size)
+    g = torch.Generator().manual_seed(1)
+    boxes = [_random_boxes(37, size, g), _random_boxes(23, size, g)]
+    # make sure every level is hit: a few boxes of canonical-ish sizes
+    boxes[0][:4] = torch.tensor([[0, 0, 20, 20], [0, 0, 100, 100], [10, 10, 200, 230], [0, 0, 500, 470.0]])
+    ours = MultiScaleRoIAlign(7, SCALES, sampling_ratio, aligned)(feats, boxes)
+
+    names = ["p2", "p3", "p4", "p5"]
+    tv = torchvision.ops.MultiScaleRoIAlign(names, 7, sampling_ratio)
+    ref = tv(OrderedDict(zip(names, feats)), boxes, [(size, size)] * 2)
+    assert ours.shape == (60, 4, 7, 7)
+    levels = assign_boxes_to_levels(torch.cat(boxes), 2, 5)
+    assert set(levels.tolist()) == {0, 1, 2, 3}, "test boxes should cover all four levels"
+    diff = (ours - ref).abs().max().item()
+    assert diff <= 1e-5, f"max abs diff {diff}"
+
+
+def test_aligned_matches_roi_align_on_assigned_level() -> None:
+    feats = _features(batch=1)
+    box = torch.tensor([[30.5, 40.25, 90.0, 120.0]])  # sqrt(area) ~ 69 -> level 2 (stride 4)
+    ours = MultiScaleRoIAlign(5, SCALES, 0, aligned=True)(feats, [box])
+    ref = torchvision.ops.roi_align(feats[0], [box], 5, 0.25, 0, aligned=True)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    not_aligned = MultiScaleRoIAlign(5, SCALES, 0, aligned=False)(feats, [box])
+    assert (ours - not_aligned).abs().max() > 1e-3
+
+
+def test_output_order_and_batch_index() -> None:
+    # image 1's features are image 0's plus 100: pooled RoIs of image 1 must be ~100 larger
+    f0 = _features(batch=1, seed=3)
+    feats = [torch.cat([f, f + 100.0]) for f in f0]
+    b = torch.tensor([[0.0, 0.0, 30.0, 30.0], [5.0, 5.0, 220.0, 200.0], [10.0, 10.0, 60.0, 90.0]])
+    pooler = MultiScaleRoIAlign(7, SCALES, 2, False)
+    out = pooler(feats, [b[:2], b])
+    assert out.shape[0] == 5
+    torch.testing.assert_close(out[2:] - 100.0, pooler(f0, [b])[:], atol=1e-3, rtol=0)
+    torch.testing.assert_close(out[:2], pooler(f0, [b[:2]]), atol=0, rtol=0)
+    rois = convert_boxes_to_rois([b[:2], b])
+    assert rois[:, 0].tolist() == [0, 0, 1, 1, 1]
+
+
+def test_empty_boxes_and_single_level() -> None:
+    feats = _features()
+    pooler = MultiScaleRoIAlign(7, SCALES, 2, True)
+    empty = torch.zeros((0, 4))
+    out = pooler(feats, [empty, empty])
+    assert out.shape == (0, 4, 7, 7) and out.dtype == feats[0].dtype
+    # one image empty, the other not
+    out = pooler(feats, [empty, torch.tensor([[0.0, 0.0, 50.0, 50.0]])])
+    assert out.shape == (1, 4, 7, 7)
+    single = MultiScaleRoIAlign(7, [1 / 16], 2, True)
+    box = torch.tensor([[0.0, 0.0, 600.0, 600.0]])
+    ref = torchvision.ops.roi_align(feats[2][:1], [box], 7, 1 / 16, 2, aligned=True)
+    torch.testing.assert_close(single([feats[2][:1]], [box]), ref, rtol=0, atol=0)
+
+
+def test_gradients_flow_to_features() -> None:
+    feats = [f.requires_grad_() for f in _features(batch=1, size=512)]
+    boxes = [torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 500.0, 500.0]])]  # levels 2 and 5
+    MultiScaleRoIAlign(7, SCALES, 2, True)(feats, boxes).sum().backward()
+    assert feats[0].grad.abs().sum() > 0 and feats[3].grad.abs().sum() > 0
+    assert feats[1].grad is None or feats[1].grad.abs().sum() == 0  # level 3 pools no box
+
+
+def test_bad_arguments_raise_clear_errors() -> None:
+    with pytest.raises(ValueError, match="not 1/2"):
+        MultiScaleRoIAlign(7, [0.3], 2, True)
+    with pytest.raises(ValueError, match="consecutive"):
+        MultiScaleRoIAlign(7, [1 / 4, 1 / 16], 2, True)
+    pooler = MultiScaleRoIAlign(7, SCALES, 2, True)
+    with pytest.raises(ValueError, match="feature maps"):
+        pooler(_features()[:3], [torch.zeros((0, 4))] * 2)
