@@ -1,3 +1,4 @@
 """detkit models. Builders are re-exported here; submodules are imported on demand."""
 
 from .classifier import build_classifier
+from .build import build_detector

@@ -1,0 +1,109 @@
+"""Convert torchvision detection state dicts (Faster / Mask R-CNN, ResNet-FPN) to detkit keys.
+
+Key mapping (``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``, v1; old and new layouts):
+
+==========================================================  =============================================
+torchvision                                                 detkit
+==========================================================  =============================================
+``backbone.body.*``                                         ``backbone.bottom_up.*`` (ResNet converter)
+``backbone.fpn.*``                                          ``backbone.fpn.*`` (FPN converter)
+``rpn.head.conv.weight`` / ``rpn.head.conv.{i}.0.weight``   ``rpn.head.convs.{i}.weight``
+``rpn.head.cls_logits`` / ``rpn.head.bbox_pred``            ``rpn.head.objectness`` / ``rpn.head.anchor_deltas``
+``roi_heads.box_head.fc6`` / ``fc7``                        ``roi_heads.box_head.fcs.0`` / ``fcs.1``
+``roi_heads.box_head.{i}.0`` / ``.1`` (v2 conv / norm)      ``roi_heads.box_head.convs.{i}.conv`` / ``.norm``
+``roi_heads.box_head.{i}`` (v2 Linear)                      ``roi_heads.box_head.fcs.{j}``
+``roi_heads.box_predictor.cls_score``                       same name; background row moved last
+``roi_heads.box_predictor.bbox_pred``                       same name; background rows dropped
+``roi_heads.mask_head.mask_fcn{i+1}`` / ``mask_head.{i}.0``  ``roi_heads.mask_head.convs.{i}.conv``
+``roi_heads.mask_head.{i}.1`` (v2 norm)                     ``roi_heads.mask_head.convs.{i}.norm``
+``roi_heads.mask_predictor.conv5_mask``                     ``roi_heads.mask_head.deconv``
+``roi_heads.mask_predictor.mask_fcn_logits``                ``roi_heads.mask_head.predictor``; background dropped
+==========================================================  =============================================
+
+torchvision puts the background at class index 0; detkit puts it last in ``cls_score`` and has
+none in ``bbox_pred`` and the mask predictor, so detkit label = torchvision label - 1.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from .backbones.resnet import convert_torchvision_resnet
+from .necks.fpn import convert_torchvision_fpn
+
+__all__ = ["convert_torchvision_detection"]
+
+_RPN_CONV_OLD = re.compile(r"^rpn\.head\.conv\.(weight|bias)$")
+_RPN_CONV_NEW = re.compile(r"^rpn\.head\.conv\.(\d+)\.0\.(weight|bias)$")
+_MASK_FCN_OLD = re.compile(r"^roi_heads\.mask_head\.mask_fcn(\d+)\.(.+)$")
+_SEQ_BLOCK = re.compile(r"^roi_heads\.(mask_head|box_head)\.(\d+)\.([01])\.(.+)$")
+_SEQ_LINEAR = re.compile(r"^roi_heads\.box_head\.(\d+)\.(weight|bias)$")
+_BOX_FC_OLD = re.compile(r"^roi_heads\.box_head\.fc(6|7)\.(weight|bias)$")
+
+
+def _background_last(t: Tensor) -> Tensor:
+    """[K+1, ...] rows with background first -> background last."""
+    return torch.cat([t[1:], t[:1]], dim=0)
+
+
+def _sub_prefix(sd: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+def convert_torchvision_detection(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename (and re-order class rows of) a torchvision Faster/Mask R-CNN ResNet-FPN state dict.
+
+    Args:
+        state_dict: e.g. ``torchvision.models.detection.maskrcnn_resnet50_fpn(...).state_dict()``.
+
+    Returns:
+        a new dict with detkit :class:`TwoStageDetector` keys. Keys it does not know are passed
+        through unchanged, so :func:`detkit.load_weights` reports them instead of losing them.
+    """
+    out: dict[str, Tensor] = {}
+    for k, v in convert_torchvision_resnet(_sub_prefix(state_dict, "backbone.body.")).items():
+        out["backbone.bottom_up." + k] = v
+    for k, v in convert_torchvision_fpn(_sub_prefix(state_dict, "backbone.fpn.")).items():
+        out["backbone.fpn." + k] = v
+
+    # v2 box head: Linear layers sit at arbitrary Sequential indices; number them in order
+    linear_idx = sorted({int(m.group(1)) for k in state_dict if (m := _SEQ_LINEAR.match(k))})
+    fc_of = {i: j for j, i in enumerate(linear_idx)}
+
+    for key, value in state_dict.items():
+        if key.startswith(("backbone.body.", "backbone.fpn.")):
+            continue
+        new, val = key, value
+        if m := _RPN_CONV_OLD.match(key):
+            new = f"rpn.head.convs.0.{m.group(1)}"
+        elif m := _RPN_CONV_NEW.match(key):
+            new = f"rpn.head.convs.{m.group(1)}.{m.group(2)}"
+        elif key.startswith("rpn.head.cls_logits."):
+            new = "rpn.head.objectness." + key[len("rpn.head.cls_logits."):]
+        elif key.startswith("rpn.head.bbox_pred."):
+            new = "rpn.head.anchor_deltas." + key[len("rpn.head.bbox_pred."):]
+        elif m := _BOX_FC_OLD.match(key):
+            new = f"roi_heads.box_head.fcs.{int(m.group(1)) - 6}.{m.group(2)}"
+        elif m := _SEQ_LINEAR.match(key):
+            new = f"roi_heads.box_head.fcs.{fc_of[int(m.group(1))]}.{m.group(2)}"
+        elif m := _SEQ_BLOCK.match(key):
+            head, idx, part, leaf = m.groups()
+            new = f"roi_heads.{head}.convs.{idx}.{'conv' if part == '0' else 'norm'}.{leaf}"
+        elif m := _MASK_FCN_OLD.match(key):
+            new = f"roi_heads.mask_head.convs.{int(m.group(1)) - 1}.conv.{m.group(2)}"
+        elif key.startswith("roi_heads.box_predictor.cls_score."):
+            val = _background_last(value)
+        elif key.startswith("roi_heads.box_predictor.bbox_pred."):
+            # (4*(K+1), ...) -> (4K, ...): drop the background's 4 rows (class-agnostic 8 -> 4 likewise)
+            val = value[4:]
+        elif key.startswith("roi_heads.mask_predictor.conv5_mask."):
+            new = "roi_heads.mask_head.deconv." + key[len("roi_heads.mask_predictor.conv5_mask."):]
+        elif key.startswith("roi_heads.mask_predictor.mask_fcn_logits."):
+            new = "roi_heads.mask_head.predictor." + key[len("roi_heads.mask_predictor.mask_fcn_logits."):]
+            val = value[1:]
+        out[new] = val
+    return out

@@ -1,0 +1,181 @@
+"""detkit vs torchvision's own Faster / Mask R-CNN R50-FPN (v1) with the same random weights.
+
+torchvision's model is built with ``weights=None``, its weights are randomized reproducibly so that
+detections appear (BN statistics in sane ranges, a centered classifier with a biased background,
+spread-out RPN objectness), its state dict is loaded into detkit (configs/torchvision/*.yaml) through
+``detkit.load_weights``, and both run on the same images, already at test size (torchvision's
+transform then leaves them unchanged). Every torchvision detection must have a detkit detection
+with label - 1, box IoU >= 0.99, |score diff| <= 1e-3 and (Mask R-CNN) mask IoU >= 0.98, and the
+counts must agree.
+
+Quick by default (short side 320). ``DETKIT_SLOW_TESTS=1`` adds the 800 x 1066 case.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torchvision.ops import box_iou
+
+import detkit
+from detkit.config import load_config
+from detkit.models.build import build_detector
+from detkit.structures import Detections
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO128 = Path("/work/shared/data/coco128/images")
+SLOW = os.environ.get("DETKIT_SLOW_TESTS", "") == "1"
+BUILDERS = {
+    "faster": torchvision.models.detection.fasterrcnn_resnet50_fpn,
+    "mask": torchvision.models.detection.maskrcnn_resnet50_fpn,
+}
+
+
+def _synthetic_image(h: int, w: int, seed: int) -> torch.Tensor:
+    """uint8 [3, h, w]: smoothed noise with a few flat rectangles (some structure for the features)."""
+    g = torch.Generator().manual_seed(seed)
+    img = torch.rand(1, 3, h, w, generator=g) * 255
+    img = torch.nn.functional.avg_pool2d(img, 9, 1, 4)[0]
+    for _ in range(6):
+        y0, x0 = int(torch.randint(0, h - 32, (1,), generator=g)), int(torch.randint(0, w - 32, (1,), generator=g))
+        bh, bw = int(torch.randint(24, h // 2, (1,), generator=g)), int(torch.randint(24, w // 2, (1,), generator=g))
+        img[:, y0 : y0 + bh, x0 : x0 + bw] = torch.rand(3, 1, 1, generator=g) * 255
+    return img.round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def _randomize(model: nn.Module, seed: int) -> None:
+    """Reproducible random weights under which torchvision's model produces varied detections."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):  # eval mode: acts like FrozenBN with these statistics
+            n = m.num_features
+            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
+            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    head = model.rpn.head
+    head.cls_logits.weight.normal_(0, 0.05, generator=g)  # spread objectness: no near-ties in top-k
+    head.cls_logits.bias.normal_(0, 0.5, generator=g)
+    head.bbox_pred.weight.normal_(0, 0.01, generator=g)
+    for fc in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):
+        fc.weight.normal_(0, math.sqrt(2.0 / fc.in_features), generator=g)
+        fc.bias.zero_()
+    pred = model.roi_heads.box_predictor
+    pred.cls_score.weight.normal_(0, 0.3, generator=g)
+    pred.bbox_pred.weight.normal_(0, 0.002, generator=g)
+    # Center the classifier on the mean box feature of a small calibration image, so that class
+    # scores depend on the RoI instead of one class winning everywhere; then bias the background.
+    feats: list[torch.Tensor] = []
+    hook = model.roi_heads.box_head.register_forward_hook(lambda m, i, o: feats.append(o))
+    model.eval()
+    model.transform.min_size, model.transform.max_size = (128,), 1333
+    model([_synthetic_image(128, 160, seed).float() / 255])
+    hook.remove()
+    mu = feats[0].mean(0)
+    w = pred.cls_score.weight
+    w -= (w @ mu)[:, None] * mu[None, :] / mu.dot(mu)
+    pred.cls_score.bias.normal_(0, 0.5, generator=g)
+    pred.cls_score.bias[0] = 12.0
+
+
+@pytest.fixture(scope="module", params=["faster", "mask"])
+def models(request):
+    arch = request.param
+    torch.manual_seed(0)
+    tv = BUILDERS[arch](weights=None, weights_backbone=None).eval()
+    _randomize(tv, seed=0)
+    cfg = load_config(ROOT / f"configs/torchvision/{arch}_rcnn_R_50_FPN.yaml")
+    dk = build_detector(cfg, num_classes=90).eval()
+    report = detkit.load_weights(dk, tv.state_dict())
+    assert not report.missing and not report.mismatched and not report.unexpected, report.summary()
+    return arch, tv, dk
+
+
+def _run(tv: nn.Module, dk: nn.Module, images: list[torch.Tensor]) -> tuple[list[dict], list[Detections]]:
+    short = {min(im.shape[1:]) for im in images}
+    assert len(short) == 1, "images of one batch must share the short side (no resizing in torchvision)"
+    tv.transform.min_size = (short.pop(),)
+    tv.transform.max_size = max(max(im.shape[1:]) for im in images)
+    with torch.no_grad():
+        ref = tv([im.float() / 255 for im in images])
+        out = dk.predict(images)
+    return ref, out
+
+
+def _compare(ref: dict, det: Detections, with_masks: bool) -> dict[str, float]:
+    """Greedy one-to-one matching in torchvision's score order; asserts the tolerances."""
+    n_ref = len(ref["boxes"])
+    assert len(det) == n_ref, f"detkit {len(det)} vs torchvision {n_ref} detections"
+    assert n_ref > 0, "the randomized model should produce detections"
+    iou = box_iou(ref["boxes"], det.boxes)  # (n_ref, n_det)
+    same_label = (det.labels[None, :] + 1) == ref["labels"][:, None]
+    iou = torch.where(same_label, iou, torch.full_like(iou, -1.0))
+    taken = torch.zeros(len(det), dtype=torch.bool)
+    worst = {"box_iou_min": 1.0, "score_diff_max": 0.0, "mask_iou_min": 1.0}
+    for i in range(n_ref):
+        cand = iou[i].masked_fill(taken, -1.0)
+        # among near-identical boxes of one class prefer the closest score
+        score_gap = (det.scores - ref["scores"][i]).abs()
+        ok = cand >= 0.99
+        assert ok.any(), f"torchvision detection {i} (label {int(ref['labels'][i])}) has no detkit match"
+        j = int(torch.where(ok, score_gap, torch.full_like(score_gap, float("inf"))).argmin())
+        taken[j] = True
+        worst["box_iou_min"] = min(worst["box_iou_min"], float(iou[i, j]))
+        worst["score_diff_max"] = max(worst["score_diff_max"], float(score_gap[j]))
+        if with_masks:
+            a, b = ref["masks"][i, 0] > 0.5, det.masks[j]
+            union = int((a | b).sum())
+            m_iou = 1.0 if union == 0 else int((a & b).sum()) / union
+            worst["mask_iou_min"] = min(worst["mask_iou_min"], m_iou)
+    assert worst["score_diff_max"] <= 1e-3, worst
+    assert worst["mask_iou_min"] >= 0.98, worst
+    return worst
+
+
+def _check(models, images: list[torch.Tensor], tag: str) -> None:
+    arch, tv, dk = models
+    ref, out = _run(tv, dk, images)
+    for k, (r, d, im) in enumerate(zip(ref, out, images)):
+        assert d.boxes.dtype == torch.float32 and d.labels.dtype == torch.int64
+        if arch == "mask":
+            assert d.masks is not None and d.masks.dtype == torch.bool
+            assert tuple(d.masks.shape) == (len(d), *im.shape[1:])
+        else:
+            assert d.masks is None
+        worst = _compare(r, d, with_masks=arch == "mask")
+        print(f"[parity {arch} {tag} image {k} {tuple(im.shape[1:])}] detections={len(d)} "
+              f"labels={len(set(d.labels.tolist()))} " + " ".join(f"{a}={b:.3g}" for a, b in worst.items()))
+
+
+def test_parity_synthetic_small(models) -> None:
+    # two images of different sizes in one batch: exercises padding and per-image clipping
+    _check(models, [_synthetic_image(320, 416, seed=1), _synthetic_image(320, 352, seed=2)], "synthetic")
+
+
+@pytest.mark.skipif(not SLOW, reason="800 x 1066 parity is slow on CPU; set DETKIT_SLOW_TESTS=1 to run it")
+def test_parity_synthetic_800(models) -> None:
+    _check(models, [_synthetic_image(800, 1066, seed=3)], "synthetic-800")
+
+
+def test_parity_coco128(models) -> None:
+    if not COCO128.is_dir():
+        pytest.skip(f"COCO128 images not found at {COCO128}; real-image parity not checked")
+    import cv2
+
+    short = 800 if SLOW else 320
+    images = []
+    for name in sorted(os.listdir(COCO128))[:2]:
+        bgr = cv2.imread(str(COCO128 / name), cv2.IMREAD_COLOR)
+        h, w = bgr.shape[:2]
+        s = short / min(h, w)
+        rgb = cv2.cvtColor(cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
+        images.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+    _check(models, images, "coco128")
