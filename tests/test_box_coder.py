@@ -51,3 +51,14 @@ def test_matches_torchvision() -> None:
         out = ours.decode(deltas, anchors)
         assert out.shape == (64, 12)
         torch.testing.assert_close(out, ref, rtol=0, atol=0)
+
+
+def test_low_precision_inputs_decode_in_float32() -> None:
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    boxes = torch.tensor([[1000.0, 700.0, 1200.0, 790.0]])
+    deltas = torch.tensor([[0.1, -0.2, 0.05, 0.1]])
+    ref = coder.decode(deltas, boxes)
+    out = coder.decode(deltas.bfloat16(), boxes)
+    assert out.dtype == torch.float32
+    # bfloat16 coordinates near 1000 would be off by up to 4 px; deltas themselves lose < 1%
+    torch.testing.assert_close(out, ref, atol=0.5, rtol=0)

@@ -18,6 +18,11 @@ __all__ = ["BoxCoder"]
 _DEFAULT_SCALE_CLAMP = math.log(1000.0 / 16)
 
 
+def _full_precision(x: Tensor) -> Tensor:
+    """float16/bfloat16 (e.g. under autocast) -> float32; other dtypes unchanged."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class BoxCoder:
     """Encode target boxes as deltas relative to reference boxes, and decode them back.
 
@@ -44,9 +49,10 @@ class BoxCoder:
             boxes: float [N, 4] xyxy reference boxes (anchors or proposals), same N.
 
         Returns:
-            float [N, 4] deltas ``(dx, dy, dw, dh)``.
+            float [N, 4] deltas ``(dx, dy, dw, dh)`` (float32 for float16/bfloat16 boxes).
         """
         wx, wy, ww, wh = self.weights
+        boxes = _full_precision(boxes)
         gt = gt.to(boxes.dtype)
         pw = boxes[:, 2] - boxes[:, 0]
         ph = boxes[:, 3] - boxes[:, 1]
@@ -72,10 +78,12 @@ class BoxCoder:
             boxes: float [N, 4] xyxy reference boxes.
 
         Returns:
-            float [N, 4k] decoded xyxy boxes.
+            float [N, 4k] decoded xyxy boxes (float32 for float16/bfloat16 deltas: pixel
+            coordinates need the precision).
         """
         if deltas.shape[-1] % 4 != 0:
             raise ValueError(f"BoxCoder.decode: deltas last dim must be a multiple of 4, got {tuple(deltas.shape)}")
+        deltas = _full_precision(deltas)
         boxes = boxes.to(deltas.dtype)
         wx, wy, ww, wh = self.weights
         widths = boxes[:, 2] - boxes[:, 0]

@@ -1,0 +1,126 @@
+"""Predictor: config/weights loading, input validation, empty results, mapping back to the input size."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from detkit import Predictor
+from detkit.config import load_config
+from detkit.models.build import build_detector
+from detkit.predictor import resize_shortest_edge
+
+SMALL = {
+    "model": {
+        "meta_architecture": "mask_rcnn",
+        "backbone": {"name": "resnet18", "norm": "FrozenBN", "freeze_at": 2},
+        "fpn": {"out_channels": 32},
+        "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 50},
+        "roi_heads": {"box_head": {"fc_dim": 64}, "mask_head": {"conv_dim": 32, "num_conv": 2}},
+    },
+    "data": {"class_names": ["cat", "dog", "bird"]},
+    "input": {"min_size_test": 96, "max_size_test": 160},
+}
+
+
+def _write(tmp_path, bias: float, extra: dict | None = None):
+    """Config file + weights of a random small Mask R-CNN whose background logit has ``bias``."""
+    cfg_dict = {**SMALL, **(extra or {})}
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg_dict))
+    torch.manual_seed(0)
+    model = build_detector(load_config(cfg_path), num_classes=3)
+    with torch.no_grad():
+        model.roi_heads.box_predictor.cls_score.weight.normal_(0, 0.05)
+        model.roi_heads.box_predictor.cls_score.bias.copy_(torch.tensor([1.0, 0.5, 0.0, bias]))
+    weights = tmp_path / "w.pth"
+    torch.save(model.state_dict(), weights)
+    return cfg_path, weights, model
+
+
+def _image(h: int = 150, w: int = 230, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    img = np.full((h, w, 3), 90, dtype=np.uint8)
+    y1, x1 = min(110, h), min(150, w)
+    img[30:y1, 40:x1] = rng.integers(0, 255, (y1 - 30, x1 - 40, 3), dtype=np.uint8)
+    return img
+
+
+def test_no_detections_gives_empty_arrays(tmp_path) -> None:
+    cfg_path, weights, _ = _write(tmp_path, bias=100.0)
+    pred = Predictor(cfg_path, weights=weights)
+    assert pred.class_names == ["cat", "dog", "bird"]
+    res = pred(_image())
+    assert len(res) == 0
+    assert res.boxes.shape == (0, 4) and res.boxes.dtype == np.float32
+    assert res.scores.shape == (0,) and res.scores.dtype == np.float32
+    assert res.labels.shape == (0,) and res.labels.dtype == np.int64
+    assert res.masks.shape == (0, 150, 230) and res.masks.dtype == np.bool_
+
+
+def test_roundtrip_maps_back_to_input_size(tmp_path) -> None:
+    cfg_path, weights, model = _write(tmp_path, bias=-5.0)
+    pred = Predictor(cfg_path, weights=weights)
+    img = _image()
+    res = pred(img)
+    assert len(res) > 0
+    assert res.masks.shape == (len(res), 150, 230) and res.masks.any()
+    assert (res.boxes[:, [0, 2]] <= 230).all() and (res.boxes[:, [1, 3]] <= 150).all() and (res.boxes >= 0).all()
+    assert ((res.labels >= 0) & (res.labels < 3)).all()
+    assert (np.diff(res.scores) <= 0).all()
+
+    # the same model by hand: resize (150x230 -> 96x147), predict, scale boxes by the per-axis ratios
+    small = resize_shortest_edge(img, 96, 160)
+    assert small.shape == (96, 147, 3)
+    model.eval()
+    (det,) = model.predict([torch.from_numpy(small).permute(2, 0, 1)], paste_masks=False)
+    scale = np.array([230 / 147, 150 / 96, 230 / 147, 150 / 96], dtype=np.float32)
+    expected = np.minimum(det.boxes.numpy() * scale, [230, 150, 230, 150])
+    np.testing.assert_allclose(res.boxes, expected, atol=1e-3)
+    np.testing.assert_allclose(res.scores, det.scores.numpy(), atol=1e-6)
+    np.testing.assert_array_equal(res.labels, det.labels.numpy())
+
+    batch = pred.predict([img, _image(120, 90, seed=1)])
+    assert len(batch) == 2 and batch[1].masks.shape[1:] == (120, 90)
+    np.testing.assert_allclose(batch[0].boxes, res.boxes, atol=1e-3)
+
+
+def test_bf16_runs_and_returns_float32(tmp_path) -> None:
+    cfg_path, weights, _ = _write(tmp_path, bias=-5.0)
+    fp32 = Predictor(cfg_path, weights=weights)(_image())
+    res = Predictor(cfg_path, weights=weights, precision="bf16")(_image())
+    assert res.boxes.dtype == np.float32 and res.scores.dtype == np.float32
+    assert len(res) > 0 and np.isfinite(res.boxes).all()
+    # same top detection up to bf16 noise
+    assert res.labels[0] == fp32.labels[0]
+    assert np.abs(res.boxes[0] - fp32.boxes[0]).max() < 8.0
+
+
+def test_config_weights_default_and_loaded_config(tmp_path) -> None:
+    cfg_path, weights, _ = _write(tmp_path, bias=100.0)
+    cfg = load_config(cfg_path, [f"model.weights={weights}"])
+    pred = Predictor(cfg)  # weights from model.weights
+    sd = torch.load(weights, weights_only=True)
+    for k, v in pred.model.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert cfg.model.weights == str(weights), "the caller's config must not be modified"
+
+
+def test_clear_errors(tmp_path) -> None:
+    cfg_path, weights, _ = _write(tmp_path, bias=100.0)
+    pred = Predictor(cfg_path, weights=weights)
+    for bad in (np.zeros((10, 10, 3), np.float32), np.zeros((10, 10), np.uint8), np.zeros((10, 10, 4), np.uint8)):
+        with pytest.raises(ValueError, match="uint8 HxWx3 RGB numpy array") as e:
+            pred(bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="expects a list"):
+        pred.predict(_image())
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Predictor(cfg_path, weights=weights, precision="fp16")
+    no_names = {**SMALL, "data": {}}
+    path = tmp_path / "nonames.yaml"
+    path.write_text(yaml.safe_dump(no_names))
+    with pytest.raises(ValueError, match="number of classes is unknown"):
+        Predictor(path)
