@@ -538,7 +538,7 @@ def error_line(e: BaseException) -> str:
     """One line for a failure: the message of expected errors, type + message + hint otherwise."""
     text = str(e).strip()
     msg = text.splitlines()[0] if text else type(e).__name__
-    if isinstance(e, ToolError) or type(e).__name__ in USER_ERRORS:
+    if isinstance(e, (ToolError, ValueError, OSError)) or type(e).__name__ in USER_ERRORS:
         return msg
     return f"{type(e).__name__}: {msg} (set DETKIT_DEBUG=1 for a traceback)"
 

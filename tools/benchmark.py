@@ -1,0 +1,393 @@
+#!/usr/bin/env python
+"""Measure a config's inference images/s, training iterations/s and data-loader images/s here.
+
+* inference: :class:`detkit.Predictor` on images of the val split (or random images at the
+  test size when no data is configured), one image per call, as an application would;
+* training: forward + backward + SGD step of a freshly built model on batches taken from the
+  data set's training pipeline (or synthetic batches at the train size), data time excluded;
+* data loader: the training loader of the config (workers, augmentation, collation) alone.
+
+Warm-up iterations are excluded from every number; CUDA work is synchronized before timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+EPILOG = """examples:
+  # the demo config on this machine's CPU
+  python tools/benchmark.py --config configs/demo/shapes_mask_rcnn_R_18_FPN.yaml
+  # a trained model on the GPU in bfloat16, 50 timed iterations
+  python tools/benchmark.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth \\
+      --device cuda --precision bf16 --iters 50
+  # inference only, at another test size
+  python tools/benchmark.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml --skip-train --skip-data \\
+      input.min_size_test=640 model.num_classes=80
+"""
+
+#: exception types whose message is already a one-line instruction for the user
+USER_ERRORS = ("ConfigError", "ImageReadError", "DatasetError", "CheckpointError")
+
+
+class ToolError(Exception):
+    """A user-facing failure; the message is one line saying what to do."""
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Command-line arguments of ``tools/benchmark.py``."""
+    p = argparse.ArgumentParser(
+        prog="tools/benchmark.py",
+        description="Inference images/s, training it/s and data-loader images/s of a config on this machine.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", required=True, help="YAML config")
+    p.add_argument("--weights", default=None, help="weights for the inference benchmark (default: random init)")
+    p.add_argument("--iters", type=int, default=10, help="timed iterations of each benchmark (default: 10)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up iterations (default: 2)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="inference and training precision")
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: train.batch_size)")
+    p.add_argument("--skip-train", action="store_true", help="skip the training benchmark")
+    p.add_argument("--skip-data", action="store_true", help="skip the data-loader benchmark")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input.min_size_test=640")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- environment
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (Linux), else what :mod:`platform` reports."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware", "cpu model")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine_info(device: Any) -> list[tuple[str, str]]:
+    """(key, value) rows describing the machine and the software."""
+    import torch
+
+    cores = os.cpu_count() or 0
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    rows = [
+        ("cpu", cpu_model()),
+        ("cores", f"{cores} logical ({usable} usable by this process)"),
+        ("platform", f"{platform.system()} {platform.release()}, Python {platform.python_version()}"),
+        ("torch", f"{torch.__version__} (torchvision {_torchvision_version()})"),
+        ("threads", str(torch.get_num_threads())),
+        ("device", str(device)),
+    ]
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        rows.append(("gpu", f"{props.name}, {props.total_memory / 2**30:.1f} GiB, CUDA {torch.version.cuda}"))
+    elif torch.cuda.is_available():
+        rows.append(("gpu", f"{torch.cuda.get_device_name(0)} (not used: --device {device})"))
+    else:
+        rows.append(("gpu", "none"))
+    return rows
+
+
+def _torchvision_version() -> str:
+    try:
+        import torchvision
+
+        return torchvision.__version__
+    except ImportError:
+        return "not installed"
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# --------------------------------------------------------------------------- data
+def resolve_split(cfg: Any, split: str) -> Optional[tuple[str, str]]:
+    """(annotations, images) of ``split``, generating the synthetic set when configured; None if unset."""
+    syn = cfg.data.synthetic
+    if syn is not None:  # the embedded shapes set: generated on first use, reused afterwards
+        from detkit.data import make_shapes_coco
+
+        paths = make_shapes_coco(syn.root, syn.num_train, syn.num_val, syn.image_size, syn.seed)
+        return paths[f"{split}_annotations"], paths[f"{split}_images"]
+    sc = getattr(cfg.data, split)
+    if not sc.annotations or not sc.images:
+        return None
+    return sc.annotations, sc.images
+
+
+def load_train_dataset(cfg: Any) -> Optional[Any]:
+    """The training :class:`CocoDetection` with the training pipeline, or None without training data."""
+    from detkit.data import CocoDetection, build_detection_transform, load_coco
+
+    paths = resolve_split(cfg, "train")
+    if paths is None:
+        return None
+    if not Path(paths[0]).is_file():
+        raise ToolError(f"data.train.annotations {paths[0]}: no such file; fix the path or drop the data keys")
+    data = load_coco(paths[0], paths[1], filter_empty=cfg.data.filter_empty, is_train=True)
+    transform = build_detection_transform(cfg.input, is_train=True, seed=cfg.train.seed)
+    return CocoDetection(data, transform, with_masks=cfg.model.meta_architecture == "mask_rcnn")
+
+
+def build_train_loader(cfg: Any, dataset: Any, batch_size: int) -> Any:
+    """The config's training loader (infinite), as the trainer builds it."""
+    from detkit.data import build_detection_train_loader
+
+    return build_detection_train_loader(
+        dataset, dataset.aspect_ratios, batch_size, cfg.dataloader.num_workers, cfg.train.seed,
+        aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+    )
+
+
+def synthetic_batch(cfg: Any, batch_size: int, num_classes: int, seed: int) -> Any:
+    """A :class:`Batch` of random images at the (first) train size with 3 random instances each."""
+    import torch
+
+    from detkit.structures import Batch, Targets
+
+    sizes = cfg.input.min_size_train
+    short = sizes[0] if isinstance(sizes, list) else sizes
+    if cfg.input.large_scale_jitter:
+        h = w = cfg.input.lsj_image_size
+    else:
+        h, w = short, min(int(round(short * 4 / 3)), cfg.input.max_size_train)
+    g = torch.Generator().manual_seed(seed)
+    images, targets = [], []
+    for _ in range(batch_size):
+        images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        xy = torch.rand(3, 2, generator=g) * torch.tensor([w * 0.6, h * 0.6])
+        wh = (0.1 + 0.3 * torch.rand(3, 2, generator=g)) * torch.tensor([w, h])
+        boxes = torch.cat([xy, xy + wh], dim=1).float()
+        masks = None
+        if cfg.model.meta_architecture == "mask_rcnn":
+            masks = torch.zeros(3, h, w, dtype=torch.uint8)
+            for k, (x1, y1, x2, y2) in enumerate(boxes.round().long().tolist()):
+                masks[k, y1:y2, x1:x2] = 1
+        labels = torch.randint(0, num_classes, (3,), generator=g)
+        targets.append(Targets(boxes=boxes, labels=labels, masks=masks))
+    return Batch(images=images, targets=targets, image_ids=list(range(batch_size)),
+                 orig_sizes=[(h, w)] * batch_size)
+
+
+def sample_images(cfg: Any, n: int) -> tuple[list[Any], str]:
+    """Up to ``n`` RGB images of the val (else train) split, or random images at the test size."""
+    import numpy as np
+
+    from detkit.data import read_image
+
+    for split in ("val", "train"):
+        paths = resolve_split(cfg, split)
+        if paths is None or not Path(paths[0]).is_file():
+            continue
+        from detkit.data import load_coco
+
+        data = load_coco(paths[0], paths[1], filter_empty=False, is_train=False)
+        images = []
+        for rec in data.records[: 4 * n]:
+            try:
+                images.append(read_image(rec.path))
+            except OSError:
+                continue
+            if len(images) == n:
+                break
+        if images:
+            return images, f"{split} images"
+    h = cfg.input.min_size_test
+    w = min(int(round(h * 4 / 3)), cfg.input.max_size_test)
+    rng = np.random.default_rng(0)
+    return [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for _ in range(n)], f"random {h}x{w} images"
+
+
+# --------------------------------------------------------------------------- benchmarks
+def bench_inference(predictor: Any, images: list[Any], iters: int, warmup: int, device: Any) -> float:
+    """Images per second of ``predictor(image)``, cycling through ``images``."""
+    for i in range(warmup):
+        predictor(images[i % len(images)])
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(iters):
+        predictor(images[i % len(images)])
+    _sync(device)
+    return iters / max(time.perf_counter() - t0, 1e-9)
+
+
+def bench_train(model: Any, batches: list[Any], iters: int, warmup: int, device: Any, precision: str,
+                lr: float) -> float:
+    """Training iterations per second (forward, backward, SGD step) on pre-fetched ``batches``."""
+    import torch
+
+    from detkit.engine.trainer import autocast_context
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ToolError("the model has no trainable parameters (check model.backbone.freeze_at)")
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9)
+    amp = "bf16" if precision == "bf16" else "none"
+    on_device = [b.to(device) for b in batches]
+
+    def step(batch: Any) -> None:
+        with autocast_context(device, amp):
+            losses = model(batch.images, batch.targets)
+        total = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        optimizer.step()
+
+    for i in range(warmup):
+        step(on_device[i % len(on_device)])
+    _sync(device)
+    t0 = time.perf_counter()
+    for i in range(iters):
+        step(on_device[i % len(on_device)])
+    _sync(device)
+    return iters / max(time.perf_counter() - t0, 1e-9)
+
+
+def bench_dataloader(loader: Any, batches: int, warmup: int) -> tuple[float, list[Any]]:
+    """Images per second of the loader alone (after ``warmup`` batches) and the batches it gave."""
+    it = iter(loader)
+    got = []
+    for _ in range(max(warmup, 1)):  # worker start-up is not throughput
+        got.append(next(it))
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        b = next(it)
+        n += len(b)
+        got.append(b)
+    return n / max(time.perf_counter() - t0, 1e-9), got
+
+
+# --------------------------------------------------------------------------- report
+def format_report(title: str, machine: list[tuple[str, str]], results: list[tuple[str, str, str]]) -> str:
+    """The printed report: a machine table and a results table (metric, throughput, details)."""
+    kw = max(len(k) for k, _ in machine)
+    lines = [title, "", "machine"] + [f"  {k:<{kw}}  {v}" for k, v in machine]
+    w0 = max(len("benchmark"), *(len(r[0]) for r in results))
+    w1 = max(len("throughput"), *(len(r[1]) for r in results))
+    lines += ["", f"{'benchmark':<{w0}}  {'throughput':>{w1}}  details", f"{'-' * w0}  {'-' * w1}  {'-' * 7}"]
+    lines += [f"{a:<{w0}}  {b:>{w1}}  {c}" for a, b, c in results]
+    return "\n".join(lines)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the benchmarks described by ``args`` and print the report; returns the exit code."""
+    from detkit.config import load_config
+
+    cfg = load_config(args.config, args.overrides)  # before the heavy imports: fast errors
+    if getattr(cfg, "task", "detection") != "detection":
+        raise ToolError(f"--config {args.config}: task is {cfg.task!r}; benchmark.py needs a detection config")
+    if args.iters < 1 or args.warmup < 0:
+        raise ToolError(f"--iters {args.iters} / --warmup {args.warmup}: use iters >= 1 and warmup >= 0")
+    if args.weights is not None and not Path(args.weights).is_file():
+        raise ToolError(f"--weights {args.weights}: no such file")
+    import torch
+
+    from detkit import Predictor
+    from detkit.models.build import build_detector
+
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ToolError(f"--device {args.device}: not a device name; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ToolError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    batch_size = args.batch_size or cfg.train.batch_size
+    if batch_size < 1:
+        raise ToolError(f"--batch-size {batch_size}: must be at least 1")
+
+    results: list[tuple[str, str, str]] = []
+    dataset = None if (args.skip_train and args.skip_data) else load_train_dataset(cfg)
+    if dataset is not None and not cfg.data.class_names and cfg.model.num_classes is None:
+        cfg.data.class_names = list(dataset.class_names)  # the Predictor takes the classes from here
+    elif not cfg.data.class_names and cfg.model.num_classes is None and not any(
+        a and Path(a).is_file() for a in (cfg.data.train.annotations, cfg.data.val.annotations)
+    ):
+        cfg.model.num_classes = 80  # nothing names the classes: benchmark a COCO-sized head
+
+    # data loader (its batches also feed the training benchmark)
+    loader_batches: list[Any] = []
+    if not args.skip_data:
+        if dataset is None:
+            results.append(("dataloader", "n/a", "no data.train configured"))
+        else:
+            n_batches = max(args.iters, 2)
+            ips, loader_batches = bench_dataloader(build_train_loader(cfg, dataset, batch_size), n_batches, args.warmup)
+            results.append(("dataloader", f"{ips:.2f} img/s",
+                            f"{cfg.dataloader.num_workers} workers, batch {batch_size}, {n_batches} batches, "
+                            f"training pipeline"))
+
+    # inference through the Predictor
+    images, source = sample_images(cfg, min(args.iters, 8))
+    predictor = Predictor(cfg, weights=args.weights, device=str(device), precision=args.precision)
+    num_classes = len(predictor.class_names)
+    ips = bench_inference(predictor, images, args.iters, args.warmup, device)
+    results.insert(0, ("inference", f"{ips:.2f} img/s",
+                       f"Predictor, 1 image per call, {source}, test size {cfg.input.min_size_test} "
+                       f"(max {cfg.input.max_size_test}), {args.precision}, "
+                       f"{'trained' if args.weights else 'random'} weights, {args.iters} iters"))
+    del predictor
+
+    # training steps
+    if not args.skip_train:
+        if loader_batches:
+            batches, what = [b for b in loader_batches if len(b) > 0], "batches from the training pipeline"
+        elif dataset is not None:
+            _, batches = bench_dataloader(build_train_loader(cfg, dataset, batch_size), 2, 1)
+            what = "batches from the training pipeline"
+        else:
+            batches = [synthetic_batch(cfg, batch_size, num_classes, seed=i) for i in range(2)]
+            what = "synthetic batches at the train size"
+        model = build_detector(cfg, num_classes).to(device)
+        its = bench_train(model, batches, args.iters, args.warmup, device, args.precision, cfg.train.base_lr)
+        results.insert(1, ("training", f"{its:.2f} it/s",
+                           f"batch {batch_size} ({its * batch_size:.2f} img/s), {what}, {args.precision}, "
+                           f"{args.iters} iters"))
+
+    title = (f"benchmark of {args.config}: {cfg.model.meta_architecture} {cfg.model.backbone.name}-FPN, "
+             f"{num_classes} classes")
+    machine = machine_info(device) + [("precision", args.precision)]
+    print(format_report(title, machine, results))
+    return 0
+
+
+def error_line(e: BaseException) -> str:
+    """One line for a failure: the message of expected errors, type + message + hint otherwise."""
+    text = str(e).strip()
+    msg = text.splitlines()[0] if text else type(e).__name__
+    if isinstance(e, (ToolError, ValueError, OSError)) or type(e).__name__ in USER_ERRORS:
+        return msg
+    return f"{type(e).__name__}: {msg} (set DETKIT_DEBUG=1 for a traceback)"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point: one line on stderr and a non-zero exit code on failure."""
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except KeyboardInterrupt:
+        print("benchmark.py: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure becomes one actionable line
+        if os.environ.get("DETKIT_DEBUG"):
+            raise
+        print(f"benchmark.py: error: {error_line(e)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
