@@ -1,0 +1,251 @@
+"""Samplers and data loaders for training (infinite, seeded, resumable, DDP-sharded) and inference.
+
+Data order is a pure function of ``(seed, rank, world_size)``: the training stream is the
+concatenation of per-epoch permutations drawn with ``torch.Generator(seed + epoch)``, dealt
+round-robin to the ranks. A run resumed at iteration ``k`` replays exactly the batches the
+uninterrupted run would have produced from iteration ``k`` on.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from .collate import collate_detection
+
+__all__ = [
+    "TrainingSampler",
+    "AspectRatioGroupedBatchSampler",
+    "InferenceSampler",
+    "build_detection_train_loader",
+    "build_detection_test_loader",
+    "worker_init_fn",
+]
+
+
+def _dist_info(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    initialized = dist.is_available() and dist.is_initialized()
+    if world_size is None:
+        world_size = dist.get_world_size() if initialized else 1
+    if rank is None:
+        rank = dist.get_rank() if initialized else 0
+    if not (0 <= rank < world_size):
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    return rank, world_size
+
+
+class TrainingSampler(Sampler[int]):
+    """Infinite stream of dataset indices for one rank.
+
+    The global stream is ``perm(seed + 0) ++ perm(seed + 1) ++ ...`` (each a permutation of
+    ``range(size)`` drawn with ``torch.Generator``); rank ``r`` of ``world_size`` gets global
+    positions ``r, r + world_size, r + 2*world_size, ...``.
+
+    Args:
+        size: dataset length (> 0).
+        seed: base seed, shared by all ranks.
+        shuffle: False gives ``0, 1, ..., size-1`` repeated.
+        rank, world_size: default to torch.distributed when initialized, else 0 / 1.
+        start: number of samples this rank already consumed; the stream starts after them,
+            so ``TrainingSampler(start=k)`` equals the full stream without its first ``k`` items.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        start: int = 0,
+    ) -> None:
+        if size <= 0:
+            raise ValueError(f"TrainingSampler needs a non-empty dataset, got size={size}")
+        if start < 0:
+            raise ValueError(f"TrainingSampler start must be >= 0, got {start}")
+        self.size = int(size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        self.start = int(start)
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.size))
+        g = torch.Generator()
+        g.manual_seed(self.seed + epoch)
+        return torch.randperm(self.size, generator=g).tolist()
+
+    def __iter__(self) -> Iterator[int]:
+        # global position of this rank's j-th sample: rank + world_size * (start + j)
+        pos = self.rank + self.world_size * self.start
+        epoch, offset = divmod(pos, self.size)
+        while True:
+            order = self._epoch_order(epoch)
+            while offset < self.size:
+                yield order[offset]
+                offset += self.world_size
+            epoch += 1
+            offset -= self.size
+
+
+class AspectRatioGroupedBatchSampler(Sampler[list[int]]):
+    """Batch indices so that each batch holds only landscape (w >= h) or only portrait images.
+
+    Deterministic given the index sampler. ``start_batch`` skips the first batches by replaying
+    the grouping (cheap: indices only), so resumed runs see the same batches.
+
+    Args:
+        sampler: an (infinite) index sampler, e.g. :class:`TrainingSampler` with ``start=0``.
+        group_ids: group of each dataset index (0: w >= h, 1: w < h); one group disables grouping.
+        batch_size: images per batch.
+    """
+
+    def __init__(self, sampler: Sampler[int], group_ids: Sequence[int], batch_size: int, start_batch: int = 0):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.sampler = sampler
+        self.group_ids = np.asarray(group_ids, dtype=np.int64)
+        self.batch_size = int(batch_size)
+        self.start_batch = int(start_batch)
+
+    @staticmethod
+    def group_ids_from_aspect_ratios(aspect_ratios: Sequence[float]) -> list[int]:
+        """0 for w/h >= 1 (landscape or square), 1 for portrait."""
+        return [0 if ar >= 1.0 else 1 for ar in aspect_ratios]
+
+    def _batches(self) -> Iterator[list[int]]:
+        buckets: dict[int, list[int]] = {}
+        for idx in self.sampler:
+            bucket = buckets.setdefault(int(self.group_ids[idx]), [])
+            bucket.append(int(idx))
+            if len(bucket) == self.batch_size:
+                yield bucket[:]
+                bucket.clear()
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return itertools.islice(self._batches(), self.start_batch, None)
+
+
+class InferenceSampler(Sampler[int]):
+    """Contiguous shard of ``range(size)`` for one rank; the shards cover every index exactly once."""
+
+    def __init__(self, size: int, rank: Optional[int] = None, world_size: Optional[int] = None) -> None:
+        self.size = int(size)
+        self.rank, self.world_size = _dist_info(rank, world_size)
+        self.begin = self.size * self.rank // self.world_size
+        self.end = self.size * (self.rank + 1) // self.world_size
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.begin, self.end))
+
+    def __len__(self) -> int:
+        return self.end - self.begin
+
+
+class _BatchList(Sampler[list[int]]):
+    """Finite batches over a finite sampler (last batch may be smaller)."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int) -> None:
+        self.sampler, self.batch_size = sampler, batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        it = iter(self.sampler)
+        while batch := list(itertools.islice(it, self.batch_size)):
+            yield batch
+
+    def __len__(self) -> int:
+        return (len(self.sampler) + self.batch_size - 1) // self.batch_size  # type: ignore[arg-type]
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """Seed python, numpy and the dataset's transform from the worker's torch seed.
+
+    torch derives each worker's seed from the DataLoader's generator, so a seeded generator
+    makes every worker's augmentation stream reproducible (and different across workers).
+    """
+    seed = torch.initial_seed() % 2**32
+    random.seed(seed)
+    np.random.seed(seed)
+    info = get_worker_info()
+    transform = getattr(info.dataset, "transform", None) if info is not None else None
+    if hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+    # NB: no cv2.setNumThreads() here: after fork it can deadlock on OpenCV's inherited thread pool
+
+
+def build_detection_train_loader(
+    dataset: Dataset,
+    aspect_ratios: Sequence[float],
+    batch_size_per_gpu: int,
+    num_workers: int,
+    seed: int,
+    start_iter: int = 0,
+    aspect_ratio_grouping: bool = True,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> DataLoader:
+    """Infinite, deterministic training loader yielding :class:`~detkit.structures.Batch`.
+
+    Batch ``i`` of the loader is the same whether the run started at iteration 0 or was resumed
+    with ``start_iter <= i``. Each rank gets a different shard of the stream and a different
+    augmentation seed. ``aspect_ratios`` are per-image w/h (``CocoData.aspect_ratios``).
+    """
+    rank, world_size = _dist_info(rank, world_size)
+    n = len(dataset)  # type: ignore[arg-type]
+    if len(aspect_ratios) != n:
+        raise ValueError(f"aspect_ratios has {len(aspect_ratios)} entries for a dataset of {n} images")
+    if aspect_ratio_grouping:
+        group_ids = AspectRatioGroupedBatchSampler.group_ids_from_aspect_ratios(aspect_ratios)
+        sampler = TrainingSampler(n, seed=seed, rank=rank, world_size=world_size)
+        batch_sampler: Sampler[list[int]] = AspectRatioGroupedBatchSampler(
+            sampler, group_ids, batch_size_per_gpu, start_batch=start_iter
+        )
+    else:
+        sampler = TrainingSampler(n, seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size_per_gpu)
+        batch_sampler = AspectRatioGroupedBatchSampler(sampler, [0] * n, batch_size_per_gpu)
+    # the augmentation stream depends on (seed, rank, start_iter) only
+    aug_seed = (seed * 1_000_003 + rank * 7919 + start_iter) % 2**31
+    transform = getattr(dataset, "transform", None)
+    if num_workers == 0 and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(aug_seed)
+    generator = torch.Generator()
+    generator.manual_seed(aug_seed)
+    return DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        worker_init_fn=worker_init_fn,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=2 if num_workers > 0 else None,
+    )
+
+
+def build_detection_test_loader(
+    dataset: Dataset,
+    batch_size: int = 1,
+    num_workers: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> DataLoader:
+    """Finite loader over this rank's contiguous shard (every image exactly once across ranks)."""
+    sampler = InferenceSampler(len(dataset), rank, world_size)  # type: ignore[arg-type]
+    generator = torch.Generator()
+    generator.manual_seed(0)
+    return DataLoader(
+        dataset,
+        batch_sampler=_BatchList(sampler, batch_size),
+        num_workers=num_workers,
+        collate_fn=collate_detection,
+        worker_init_fn=worker_init_fn,
+        generator=generator,
+        persistent_workers=num_workers > 0,
+    )
