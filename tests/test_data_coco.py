@@ -125,6 +125,15 @@ def test_crowd_only_image_dropped_for_training(tmp_path: Path) -> None:
     assert [r.image_id for r in d.records] == [11]
 
 
+def test_no_usable_training_image_is_an_error(tmp_path: Path) -> None:
+    data = _base_dataset(tmp_path)
+    data["annotations"] = [a for a in data["annotations"] if a["id"] == 3]  # only a crowd region
+    p = _write(tmp_path, data)
+    with pytest.raises(DatasetError, match="no training image left"):
+        load_coco(p, tmp_path / "images", filter_empty=True, is_train=True)
+    assert len(load_coco(p, tmp_path / "images", filter_empty=True, is_train=False)) == 3
+
+
 def test_one_summary_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     p = _write(tmp_path, _base_dataset(tmp_path))
     with caplog.at_level(logging.INFO, logger="detkit"):

@@ -290,6 +290,13 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
             )
         )
 
+    if is_train and not records:
+        raise _fail(
+            path,
+            f"no training image left ({len(images)} images, {len(data['annotations'])} annotations, "
+            f"{num_empty} without usable instances); check the boxes/categories or set data.filter_empty=false",
+        )
+
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
