@@ -4,8 +4,8 @@ All functions take and return ``uint8 [H, W, 3]`` **RGB** numpy images and never
 modify their input. Boxes, labels, scores and masks may be numpy arrays or
 tensors (CPU or CUDA; they are moved to numpy here). Box coordinates are
 ``(x1, y1, x2, y2)`` pixels; a box edge is drawn on the pixel rows/columns
-``round(x1)``, ``round(y1)``, ``round(x2)``, ``round(y2)`` in the colour of its
-class (:func:`class_color`), so a caller can find it again.
+``round(x1)``, ``round(y1)``, ``round(x2)``, ``round(y2)`` (kept inside the image)
+in the colour of its class (:func:`class_color`), so a caller can find it again.
 
 Only numpy, OpenCV and :mod:`detkit.structures` are used, so the module can be
 imported by tools and by the training engine alike.
@@ -67,6 +67,13 @@ def _check_image(image: Any) -> np.ndarray:
 
 def _line_thickness(h: int, w: int) -> int:
     return max(1, int(round((h + w) / 2 * 0.003)))
+
+
+def _edge_pixels(box: np.ndarray, h: int, w: int) -> tuple[int, int, int, int]:
+    """Pixel columns/rows of a box's edges: rounded, and kept inside the image so that boxes
+    touching the border (x2 == width after clipping) stay visible."""
+    x1, y1, x2, y2 = (int(round(float(v))) for v in box)
+    return (min(max(x1, 0), w - 1), min(max(y1, 0), h - 1), min(max(x2, 0), w - 1), min(max(y2, 0), h - 1))
 
 
 def _caption_color(color: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -161,7 +168,7 @@ def draw_instances(
         color = class_color(int(lab[i]))
         if not np.isfinite(b[i]).all():
             continue
-        x1, y1, x2, y2 = (int(round(v)) for v in b[i])
+        x1, y1, x2, y2 = _edge_pixels(b[i], h, w)
         cv2.rectangle(img, (x1, y1), (x2, y2), color, thickness, lineType=cv2.LINE_8)
     if captions:
         for i in order:

@@ -79,22 +79,27 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def check_drawn(original: np.ndarray, drawn: np.ndarray, records: list[dict]) -> None:
-    """Every detection's outline is in its class colour, and differs from the original somewhere."""
+    """Each detection's left or right edge is drawn in its class colour over different original pixels.
+
+    The JSON boxes are rounded to 0.01 px, so the edge column is searched within +-1 pixel.
+    """
     assert records, "the biased random model should detect something"
     h, w = original.shape[:2]
     for rec in records:
         x, y, bw, bh = rec["bbox"]
-        x1, y1, x2, y2 = (int(round(v)) for v in (x, y, x + bw, y + bh))
-        x1, x2 = np.clip([x1, x2], 0, w - 1)
-        y1, y2 = np.clip([y1, y2], 0, h - 1)
-        # left and right edges (captions sit above the top edge)
-        ys = np.arange(y1, y2 + 1)
-        edge = np.concatenate([drawn[ys, x1], drawn[ys, x2]])
         colour = np.array(class_color(rec["label"]), np.uint8)
-        share = (edge == colour).all(axis=1).mean()
-        assert share > 0.5, f"only {share:.0%} of the box edge has the class colour"
-        orig = np.concatenate([original[ys, x1], original[ys, x2]])
-        assert (edge != orig).any(axis=1).any()
+        y1, y2 = (min(max(int(round(v)), 0), h - 1) for v in (y, y + bh))
+        ys = np.arange(y1, y2 + 1)
+        best_share, differs = 0.0, False
+        for edge_x in (x, x + bw):
+            for dx in (-1, 0, 1):
+                col = min(max(int(round(edge_x)) + dx, 0), w - 1)
+                hit = (drawn[ys, col] == colour).all(axis=1)
+                if hit.mean() > best_share:
+                    best_share = hit.mean()
+                    differs = bool((original[ys, col][hit] != colour).any())
+        assert best_share > 0.5, f"only {best_share:.0%} of the box edge {rec['bbox']} has the class colour"
+        assert differs, "the class-coloured edge pixels were already that colour in the original"
 
 
 # --------------------------------------------------------------------------- drawing
@@ -120,6 +125,7 @@ def test_help_shows_examples(tmp_path: Path) -> None:
     assert r.returncode == 0 and "examples:" in r.stdout and "python tools/infer.py --config" in r.stdout
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under numpy 2
 def test_infer_image_draws_boxes_in_class_colour(setup: dict[str, Path], tmp_path: Path) -> None:
     src = setup["images"] / "img0.png"
     r = run_tool("--config", str(setup["config"]), "--weights", str(setup["weights"]), "--input", str(src),

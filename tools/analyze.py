@@ -84,21 +84,28 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: st
 
 # --------------------------------------------------------------------------- model
 def resolve_num_classes(cfg: Any, explicit: Optional[int]) -> tuple[int, str]:
-    """Number of classes for building the model without data: flag, config, class names, else 80."""
+    """Classes of the model, without loading data: the flag, model.num_classes, data.class_names,
+    the synthetic set's classes, the annotation file's categories (if small), else 80."""
     if explicit is not None:
-        return explicit, "--num-classes"
+        return explicit, "from --num-classes"
     if cfg.model.num_classes:
-        return int(cfg.model.num_classes), "model.num_classes"
+        return int(cfg.model.num_classes), "from model.num_classes"
     if cfg.data.class_names:
-        return len(cfg.data.class_names), "data.class_names"
+        return len(cfg.data.class_names), "from data.class_names"
+    if cfg.data.synthetic is not None:
+        from detkit.data.synthetic import SHAPE_CLASSES
+
+        return len(SHAPE_CLASSES), "the generated shapes classes"
     ann = cfg.data.train.annotations or cfg.data.val.annotations
     if ann and Path(ann).is_file() and Path(ann).stat().st_size < 64 * 2**20:
         try:
             with open(ann, encoding="utf-8") as f:
-                return len(json.load(f).get("categories", [])) or 80, ann
+                n = len(json.load(f).get("categories", []))
+            if n:
+                return n, f"from {ann}"
         except (OSError, ValueError):
             pass
-    return 80, "default (set model.num_classes or --num-classes)"
+    return 80, "default; set model.num_classes or --num-classes"
 
 
 def count_model(model: Any, size: tuple[int, int], device: str = "cpu") -> dict[str, Any]:
@@ -189,7 +196,7 @@ def cmd_model(args: argparse.Namespace) -> int:
         raise ToolError(f"--size {h} / --width {w}: use at least 32 pixels")
     info = count_model(model, (h, w), args.device)
     title = (f"model: {cfg.model.meta_architecture} {cfg.model.backbone.name}-FPN, {num_classes} classes "
-             f"(from {source}), input {h}x{w}")
+             f"({source}), input {h}x{w}")
     report = format_model_report(info, title)
     print(report)
     if args.output:
