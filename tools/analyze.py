@@ -392,6 +392,11 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _is_ap_key(k: str) -> bool:
+    task, _, name = k.partition("/")
+    return task in ("bbox", "segm") and name in AP_KEYS
+
+
 def extract_curves(records: list[dict], final: Optional[dict] = None) -> tuple[dict, dict]:
     """``(losses, aps)``: ``name -> (iters, values)``.
 
@@ -403,65 +408,53 @@ def extract_curves(records: list[dict], final: Optional[dict] = None) -> tuple[d
     aps: dict[str, tuple[list[int], list[float]]] = {}
     last_iter = 0
     for rec in records:
-        it = rec.get("iter")
-        if not _is_number(it):
+        if not _is_number(rec.get("iter")):
             continue
-        it = int(it)
+        it = int(rec["iter"])
         last_iter = max(last_iter, it)
         parts = {k: v for k, v in rec.items() if k.startswith("loss") and _is_number(v)}
         if parts and "total_loss" not in rec:
             rec = {**rec, "total_loss": sum(parts.values())}
         for k, v in rec.items():
-            if not _is_number(v):
-                continue
-            if k.startswith("loss") or k == "total_loss":
-                losses.setdefault(k, ([], []))
-                losses[k][0].append(it)
-                losses[k][1].append(float(v))
-            elif "/" in k and k.split("/", 1)[0] in ("bbox", "segm") and k.split("/", 1)[1] in AP_KEYS:
-                aps.setdefault(k, ([], []))
-                aps[k][0].append(it)
-                aps[k][1].append(float(v))
-    if final:
-        it = int(final["iter"]) if _is_number(final.get("iter")) else last_iter
-        for k, v in final.items():
-            if "/" in k and k.split("/", 1)[0] in ("bbox", "segm") and k.split("/", 1)[1] in AP_KEYS and _is_number(v):
-                xs, ys = aps.setdefault(k, ([], []))
-                if it not in xs:
-                    xs.append(it)
-                    ys.append(float(v))
+            target = losses if k.startswith("loss") or k == "total_loss" else aps if _is_ap_key(k) else None
+            if target is not None and _is_number(v):
+                xs, ys = target.setdefault(k, ([], []))
+                xs.append(it)
+                ys.append(float(v))
+    it = int(final["iter"]) if final and _is_number(final.get("iter")) else last_iter
+    for k, v in (final or {}).items():
+        if _is_ap_key(k) and _is_number(v):
+            xs, ys = aps.setdefault(k, ([], []))
+            if it not in xs:
+                xs.append(it)
+                ys.append(float(v))
     return losses, aps
 
 
-def plot_curves(curves: dict, path: Path, title: str, ylabel: str, log_y: bool = False) -> None:
-    """One panel per curve (losses differ in scale) or a single panel (``log_y`` False and AP)."""
+def plot_curves(curves: dict, path: Path, title: str, single_panel: bool, log_y: bool = False) -> None:
+    """All curves in one panel (AP, same scale) or one panel per curve (losses differ in scale)."""
     plt = require_matplotlib()
     names = sorted(curves, key=lambda k: (k != "total_loss", k))
-    if ylabel == "AP":
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for k in names:
-            xs, ys = curves[k]
-            ax.plot(xs, ys, marker="o", label=k)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("AP (%)")
+    cols = 1 if single_panel else min(3, len(names))
+    rows = 1 if single_panel else math.ceil(len(names) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(7, 4.5) if single_panel else (4.5 * cols, 3.2 * rows),
+                             squeeze=False)
+    for i, k in enumerate(names):
+        ax = axes.flat[0 if single_panel else i]
+        xs, ys = curves[k]
+        ax.plot(xs, ys, marker="o" if single_panel else None, linewidth=1.2, label=k)
+        ax.set_xlabel("iteration", fontsize=8)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title(title)
-    else:
-        cols = min(3, len(names))
-        rows = math.ceil(len(names) / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
-        for ax, k in zip(axes.flat, names):
-            xs, ys = curves[k]
-            ax.plot(xs, ys, linewidth=1.2)
+        if single_panel:
+            ax.set_ylabel("AP (%)")
+            ax.legend(fontsize=8)
+        else:
             ax.set_title(k, fontsize=10)
-            ax.set_xlabel("iteration", fontsize=8)
-            ax.grid(alpha=0.3)
             if log_y and all(y > 0 for y in ys):
                 ax.set_yscale("log")
-        for ax in list(axes.flat)[len(names):]:
-            ax.axis("off")
-        fig.suptitle(title)
+    for ax in list(axes.flat)[1 if single_panel else len(names):]:
+        ax.axis("off")
+    fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -485,10 +478,10 @@ def cmd_log(args: argparse.Namespace) -> int:
     if not losses:
         raise ToolError(f"--metrics {path}: no lines with 'iter' and loss_* values; pass a detkit metrics.jsonl")
     out = Path(args.output) if args.output else path.parent
-    plot_curves(losses, out / "loss_curves.png", f"losses ({path})", "loss", log_y=args.log_y)
+    plot_curves(losses, out / "loss_curves.png", f"losses ({path})", single_panel=False, log_y=args.log_y)
     written = [out / "loss_curves.png"]
     if aps:
-        plot_curves(aps, out / "ap_curves.png", f"AP ({path.parent})", "AP")
+        plot_curves(aps, out / "ap_curves.png", f"AP ({path.parent})", single_panel=True)
         written.append(out / "ap_curves.png")
     rows = [[k, len(xs), f"{ys[0]:.4g}", f"{ys[-1]:.4g}", f"{min(ys):.4g}"] for k, (xs, ys) in sorted(losses.items())]
     rows += [[k, len(xs), f"{ys[0]:.4g}", f"{ys[-1]:.4g}", f"{max(ys):.4g}"] for k, (xs, ys) in sorted(aps.items())]
@@ -512,32 +505,29 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="{model,dataset,log}")
-    pm = sub.add_parser("model", help="parameters and FLOPs per image", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    pm.add_argument("--config", required=True, help="YAML config of the model")
+
+    def add(name: str, help_: str, func: Any, config: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        sp.set_defaults(func=func)
+        if config:
+            sp.add_argument("--config", required=True, help="YAML config")
+            sp.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+        return sp
+
+    pm = add("model", "parameters and FLOPs per image", cmd_model)
     pm.add_argument("--size", type=int, default=None, help="image height (default: input.min_size_test)")
     pm.add_argument("--width", type=int, default=None, help="image width (default: same as --size)")
     pm.add_argument("--num-classes", type=int, default=None, help="classes (default: from the config / data)")
     pm.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
     pm.add_argument("--output", default=None, help="also save the report to this text file")
-    pm.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    pm.set_defaults(func=cmd_model)
-
-    pd = sub.add_parser("dataset", help="dataset statistics and plots", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    pd.add_argument("--config", required=True, help="YAML config naming the data")
+    pd = add("dataset", "dataset statistics and plots", cmd_dataset)
     pd.add_argument("--split", choices=["train", "val"], default="train", help="which split (default: train)")
     pd.add_argument("--output", required=True, help="folder for dataset_stats.png and dataset_stats.txt")
     pd.add_argument("--bins", type=int, default=30, help="histogram bins (default: 30)")
-    pd.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    pd.set_defaults(func=cmd_dataset)
-
-    pl = sub.add_parser("log", help="loss and AP curves of a run", epilog=EPILOG,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl = add("log", "loss and AP curves of a run", cmd_log, config=False)
     pl.add_argument("--metrics", required=True, help="a run's metrics.jsonl")
     pl.add_argument("--output", default=None, help="folder for the PNGs (default: the metrics file's folder)")
     pl.add_argument("--log-y", action="store_true", help="log-scale loss axes")
-    pl.set_defaults(func=cmd_log)
     return p.parse_args(argv)
 
 
