@@ -15,7 +15,7 @@ import logging
 import random
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -156,6 +156,7 @@ class PeriodicCheckpointer(HookBase):
         keep_last: numbered checkpoints to keep (0: none).
         config: resolved config dict stored in every checkpoint.
         scheduler_state: schedule description stored in every checkpoint.
+        extra: ``completed_iters -> dict`` of additional entries (e.g. epoch, class names).
     """
 
     NUMBERED = re.compile(r"model_(\d{7})\.pth$")
@@ -167,8 +168,10 @@ class PeriodicCheckpointer(HookBase):
         keep_last: int = 3,
         config: Optional[dict] = None,
         scheduler_state: Optional[dict] = None,
+        extra: Optional[Callable[[int], dict]] = None,
     ) -> None:
         self.dir = Path(checkpoint_dir)
+        self.extra = extra
         self.period = int(period)
         self.keep_last = int(keep_last)
         self.config = config or {}
@@ -181,7 +184,8 @@ class PeriodicCheckpointer(HookBase):
         rng_states = all_gather_object(get_rng_state())
         if is_main_process():
             state = training_state(
-                t.model, t.optimizer, completed, self.scheduler_state, t.scaler, t.ema, self.config, rng_states
+                t.model, t.optimizer, completed, self.scheduler_state, t.scaler, t.ema, self.config, rng_states,
+                extra=self.extra(completed) if self.extra is not None else None,
             )
             self.dir.mkdir(parents=True, exist_ok=True)
             save_checkpoint(state, self.dir / "last.pth")
