@@ -106,6 +106,9 @@ class Predictor:
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         precision: ``"fp32"``, or ``"bf16"`` (autocast to bfloat16 where the device supports it,
             float32 otherwise with a warning).
+        fold_bn: fold frozen / eval-mode BatchNorms into the preceding convolutions after loading
+            (same results up to float rounding, ~7% less CPU time for R50-FPN); the model is then
+            for inference only and its state dict no longer matches a training checkpoint.
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
@@ -118,6 +121,7 @@ class Predictor:
         weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
         device: Union[str, torch.device] = "cpu",
         precision: str = "fp32",
+        fold_bn: bool = True,
     ) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"Predictor: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -162,7 +166,12 @@ class Predictor:
                 )
         elif cfg.model.backbone.weights is None:
             logger.warning("Predictor: no weights given (weights=None and model.weights unset): random model")
-        self.model = model.to(self.device).eval()
+        model.eval()
+        if fold_bn:
+            from .layers import fold_frozen_bn
+
+            fold_frozen_bn(model)
+        self.model = model.to(self.device)
 
         self.precision = precision
         self._autocast = False

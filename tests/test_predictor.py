@@ -82,6 +82,11 @@ def test_roundtrip_maps_back_to_input_size(tmp_path) -> None:
     np.testing.assert_allclose(res.scores, det.scores.numpy(), atol=1e-6)
     np.testing.assert_array_equal(res.labels, det.labels.numpy())
 
+    # folding the frozen BNs (the default) only changes float rounding
+    unfolded = Predictor(cfg_path, weights=weights, fold_bn=False)(img)
+    np.testing.assert_allclose(unfolded.boxes, res.boxes, atol=1e-2)
+    np.testing.assert_allclose(unfolded.scores, res.scores, atol=1e-4)
+
     batch = pred.predict([img, _image(120, 90, seed=1)])
     assert len(batch) == 2 and batch[1].masks.shape[1:] == (120, 90)
     np.testing.assert_allclose(batch[0].boxes, res.boxes, atol=1e-3)
@@ -101,7 +106,7 @@ def test_bf16_runs_and_returns_float32(tmp_path) -> None:
 def test_config_weights_default_and_loaded_config(tmp_path) -> None:
     cfg_path, weights, _ = _write(tmp_path, bias=100.0)
     cfg = load_config(cfg_path, [f"model.weights={weights}"])
-    pred = Predictor(cfg)  # weights from model.weights
+    pred = Predictor(cfg, fold_bn=False)  # weights from model.weights
     sd = torch.load(weights, weights_only=True)
     for k, v in pred.model.state_dict().items():
         assert torch.equal(v, sd[k]), k

@@ -42,7 +42,7 @@ class RPNHead(nn.Module):
         logits, deltas = [], []
         for x in features:
             for conv in self.convs:
-                x = F.relu(conv(x))
+                x = F.relu(conv(x), inplace=True)
             logits.append(self.objectness(x))
             deltas.append(self.anchor_deltas(x))
         return logits, deltas
