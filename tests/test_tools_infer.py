@@ -199,6 +199,8 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path], tmp_path: Path) -> Non
     r = run_tool(*base, "--input", str(setup["images"] / "img0.png"), "model.roi_heads.score_thresh_tset=0.1",
                  cwd=tmp_path)
     assert_one_line_error(r, "score_thresh_tset", "score_thresh_test")
+    r = run_tool(*base, "--input", str(setup["images"]), "--output", str(setup["images"]), cwd=tmp_path)
+    assert_one_line_error(r, "overwrite")
     r = run_tool("--config", str(setup["config"]), "--weights", str(tmp_path / "nope.pth"),
                  "--input", str(setup["images"] / "img0.png"), cwd=tmp_path)
     assert_one_line_error(r, "nope.pth")

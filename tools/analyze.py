@@ -206,23 +206,6 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- dataset
-def resolve_split(cfg: Any, split: str) -> tuple[str, str]:
-    """(annotations, images) of ``split``, generating the synthetic shapes set first when configured."""
-    syn = cfg.data.synthetic
-    if syn is not None:  # the embedded shapes set: generated on first use, reused afterwards
-        from detkit.data import make_shapes_coco
-
-        paths = make_shapes_coco(syn.root, syn.num_train, syn.num_val, syn.image_size, syn.seed)
-        return paths[f"{split}_annotations"], paths[f"{split}_images"]
-    sc = getattr(cfg.data, split)
-    if not sc.annotations or not sc.images:
-        raise ToolError(
-            f"config has no data.{split}.annotations / data.{split}.images; set them, e.g. "
-            f"data.{split}.annotations=my/{split}.json data.{split}.images=my/images"
-        )
-    return sc.annotations, sc.images
-
-
 def dataset_statistics(data: Any) -> dict[str, Any]:
     """Statistics of a :class:`detkit.data.coco.CocoData` (validated annotations, crowd separate).
 
@@ -347,12 +330,13 @@ def cmd_dataset(args: argparse.Namespace) -> int:
     """``analyze.py dataset``: statistics table (printed and saved) and a PNG of plots."""
     require_matplotlib()
     cfg = load_detection_config(args.config, args.overrides)
-    ann, images = resolve_split(cfg, args.split)
-    from detkit.data.coco import load_coco
+    from detkit.engine.detection import load_split, resolve_data_paths
 
-    data = load_coco(ann, images, filter_empty=False, is_train=args.split == "train")
+    cfg = resolve_data_paths(cfg)  # generates the synthetic shapes set if configured, as train_det does
+    cfg.data.filter_empty = False  # count every image, also those without instances
+    data = load_split(cfg, args.split, is_train=args.split == "train")
     stats = dataset_statistics(data)
-    title = f"{args.split} split: {ann}"
+    title = f"{args.split} split: {data.annotations_path}"
     report = format_dataset_report(stats, title, args.bins)
     out = Path(args.output)
     write_text(out / "dataset_stats.txt", report + "\n")

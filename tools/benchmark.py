@@ -114,42 +114,18 @@ def _sync(device: Any) -> None:
 
 
 # --------------------------------------------------------------------------- data
-def resolve_split(cfg: Any, split: str) -> Optional[tuple[str, str]]:
-    """(annotations, images) of ``split``, generating the synthetic set when configured; None if unset."""
-    syn = cfg.data.synthetic
-    if syn is not None:  # the embedded shapes set: generated on first use, reused afterwards
-        from detkit.data import make_shapes_coco
+def load_splits(cfg: Any, need_train: bool) -> tuple[Any, Optional[Any], Optional[Any]]:
+    """(cfg with resolved data paths, train CocoData or None, val CocoData or None).
 
-        paths = make_shapes_coco(syn.root, syn.num_train, syn.num_val, syn.image_size, syn.seed)
-        return paths[f"{split}_annotations"], paths[f"{split}_images"]
-    sc = getattr(cfg.data, split)
-    if not sc.annotations or not sc.images:
-        return None
-    return sc.annotations, sc.images
+    Paths are resolved as ``tools/train_det.py`` does (the synthetic shapes set is generated when
+    ``data.synthetic`` is set); a split whose keys are unset is None; a broken one is an error.
+    """
+    from detkit.engine.detection import load_split, resolve_data_paths
 
-
-def load_train_dataset(cfg: Any) -> Optional[Any]:
-    """The training :class:`CocoDetection` with the training pipeline, or None without training data."""
-    from detkit.data import CocoDetection, build_detection_transform, load_coco
-
-    paths = resolve_split(cfg, "train")
-    if paths is None:
-        return None
-    if not Path(paths[0]).is_file():
-        raise ToolError(f"data.train.annotations {paths[0]}: no such file; fix the path or drop the data keys")
-    data = load_coco(paths[0], paths[1], filter_empty=cfg.data.filter_empty, is_train=True)
-    transform = build_detection_transform(cfg.input, is_train=True, seed=cfg.train.seed)
-    return CocoDetection(data, transform, with_masks=cfg.model.meta_architecture == "mask_rcnn")
-
-
-def build_train_loader(cfg: Any, dataset: Any, batch_size: int) -> Any:
-    """The config's training loader (infinite), as the trainer builds it."""
-    from detkit.data import build_detection_train_loader
-
-    return build_detection_train_loader(
-        dataset, dataset.aspect_ratios, batch_size, cfg.dataloader.num_workers, cfg.train.seed,
-        aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
-    )
+    cfg = resolve_data_paths(cfg)
+    train = load_split(cfg, "train", is_train=True) if need_train and cfg.data.train.annotations else None
+    val = load_split(cfg, "val", is_train=False) if cfg.data.val.annotations else None
+    return cfg, train, val
 
 
 def synthetic_batch(cfg: Any, batch_size: int, num_classes: int, seed: int) -> Any:
@@ -182,19 +158,15 @@ def synthetic_batch(cfg: Any, batch_size: int, num_classes: int, seed: int) -> A
                  orig_sizes=[(h, w)] * batch_size)
 
 
-def sample_images(cfg: Any, n: int) -> tuple[list[Any], str]:
-    """Up to ``n`` RGB images of the val (else train) split, or random images at the test size."""
+def sample_images(cfg: Any, splits: Sequence[Optional[Any]], n: int) -> tuple[list[Any], str]:
+    """Up to ``n`` readable RGB images of the first split given, else random images at the test size."""
     import numpy as np
 
     from detkit.data import read_image
 
-    for split in ("val", "train"):
-        paths = resolve_split(cfg, split)
-        if paths is None or not Path(paths[0]).is_file():
+    for data in splits:
+        if data is None:
             continue
-        from detkit.data import load_coco
-
-        data = load_coco(paths[0], paths[1], filter_empty=False, is_train=False)
         images = []
         for rec in data.records[: 4 * n]:
             try:
@@ -202,9 +174,9 @@ def sample_images(cfg: Any, n: int) -> tuple[list[Any], str]:
             except OSError:
                 continue
             if len(images) == n:
-                break
+                return images, f"images of {data.annotations_path}"
         if images:
-            return images, f"{split} images"
+            return images, f"images of {data.annotations_path}"
     h = cfg.input.min_size_test
     w = min(int(round(h * 4 / 3)), cfg.input.max_size_test)
     rng = np.random.default_rng(0)
@@ -298,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from detkit import Predictor
-    from detkit.models.build import build_detector
+    from detkit.engine.detection import build_model, build_train_loader
 
     try:
         device = torch.device(args.device)
@@ -310,29 +282,28 @@ def run(args: argparse.Namespace) -> int:
     if batch_size < 1:
         raise ToolError(f"--batch-size {batch_size}: must be at least 1")
 
+    cfg.train.batch_size = batch_size
     results: list[tuple[str, str, str]] = []
-    dataset = None if (args.skip_train and args.skip_data) else load_train_dataset(cfg)
-    if dataset is not None and not cfg.data.class_names and cfg.model.num_classes is None:
-        cfg.data.class_names = list(dataset.class_names)  # the Predictor takes the classes from here
-    elif not cfg.data.class_names and cfg.model.num_classes is None and not any(
-        a and Path(a).is_file() for a in (cfg.data.train.annotations, cfg.data.val.annotations)
-    ):
+    cfg, train, val = load_splits(cfg, need_train=not (args.skip_train and args.skip_data))
+    if train is not None and not cfg.data.class_names and cfg.model.num_classes is None:
+        cfg.data.class_names = list(train.class_names)  # the Predictor takes the classes from here
+    elif not cfg.data.class_names and cfg.model.num_classes is None and train is None and val is None:
         cfg.model.num_classes = 80  # nothing names the classes: benchmark a COCO-sized head
 
     # data loader (its batches also feed the training benchmark)
     loader_batches: list[Any] = []
     if not args.skip_data:
-        if dataset is None:
+        if train is None:
             results.append(("dataloader", "n/a", "no data.train configured"))
         else:
             n_batches = max(args.iters, 2)
-            ips, loader_batches = bench_dataloader(build_train_loader(cfg, dataset, batch_size), n_batches, args.warmup)
+            ips, loader_batches = bench_dataloader(build_train_loader(cfg, train, 0), n_batches, args.warmup)
             results.append(("dataloader", f"{ips:.2f} img/s",
                             f"{cfg.dataloader.num_workers} workers, batch {batch_size}, {n_batches} batches, "
-                            f"training pipeline"))
+                            "training pipeline"))
 
-    # inference through the Predictor
-    images, source = sample_images(cfg, min(args.iters, 8))
+    # inference through the Predictor, one image per call
+    images, source = sample_images(cfg, [val, train], min(args.iters, 8))
     predictor = Predictor(cfg, weights=args.weights, device=str(device), precision=args.precision)
     num_classes = len(predictor.class_names)
     ips = bench_inference(predictor, images, args.iters, args.warmup, device)
@@ -342,17 +313,16 @@ def run(args: argparse.Namespace) -> int:
                        f"{'trained' if args.weights else 'random'} weights, {args.iters} iters"))
     del predictor
 
-    # training steps
+    # training steps, model built as train_det builds it
     if not args.skip_train:
-        if loader_batches:
+        if train is not None:
+            if not loader_batches:
+                _, loader_batches = bench_dataloader(build_train_loader(cfg, train, 0), 2, 1)
             batches, what = [b for b in loader_batches if len(b) > 0], "batches from the training pipeline"
-        elif dataset is not None:
-            _, batches = bench_dataloader(build_train_loader(cfg, dataset, batch_size), 2, 1)
-            what = "batches from the training pipeline"
         else:
             batches = [synthetic_batch(cfg, batch_size, num_classes, seed=i) for i in range(2)]
             what = "synthetic batches at the train size"
-        model = build_detector(cfg, num_classes).to(device)
+        model = build_model(cfg, num_classes, device)
         its = bench_train(model, batches, args.iters, args.warmup, device, args.precision, cfg.train.base_lr)
         results.insert(1, ("training", f"{its:.2f} it/s",
                            f"batch {batch_size} ({its * batch_size:.2f} img/s), {what}, {args.precision}, "

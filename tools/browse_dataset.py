@@ -60,33 +60,17 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def resolve_split(cfg: Any, split: str) -> tuple[str, str]:
-    """(annotations, images) of ``split``; the synthetic shapes set is generated first when configured."""
-    syn = cfg.data.synthetic
-    if syn is not None:  # the embedded shapes set: generated on first use, reused afterwards
-        from detkit.data import make_shapes_coco
-
-        paths = make_shapes_coco(syn.root, syn.num_train, syn.num_val, syn.image_size, syn.seed)
-        return paths[f"{split}_annotations"], paths[f"{split}_images"]
-    sc = getattr(cfg.data, split)
-    if not sc.annotations or not sc.images:
-        raise ToolError(
-            f"config has no data.{split}.annotations / data.{split}.images; set them, e.g. "
-            f"data.{split}.annotations=my/{split}.json data.{split}.images=my/images"
-        )
-    return sc.annotations, sc.images
-
-
 def build_dataset(cfg: Any, split: str, seed: int) -> Any:
-    """The split's :class:`~detkit.data.coco.CocoDetection` with the train or test transform of ``cfg.input``."""
-    ann, images = resolve_split(cfg, split)  # before the heavy imports: fast errors
-    from detkit.data.coco import CocoDetection, load_coco
-    from detkit.data.transforms import build_detection_transform
+    """The split's :class:`~detkit.data.coco.CocoDetection` with the train or test transform of ``cfg.input``.
+
+    Data paths are resolved as ``tools/train_det.py`` does (the synthetic shapes set is generated
+    when ``data.synthetic`` is set) and the annotations validated the same way.
+    """
+    from detkit.data import CocoDetection, build_detection_transform
+    from detkit.engine.detection import load_split, resolve_data_paths
 
     is_train = split == "train"
-    data = load_coco(ann, images, filter_empty=cfg.data.filter_empty, is_train=is_train)
-    if len(data) == 0:
-        raise ToolError(f"{ann}: the {split} split has no usable images")
+    data = load_split(resolve_data_paths(cfg), split, is_train=is_train)
     transform = build_detection_transform(cfg.input, is_train=is_train, seed=seed)
     return CocoDetection(data, transform, with_masks=cfg.model.meta_architecture == "mask_rcnn")
 

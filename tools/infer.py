@@ -251,6 +251,9 @@ def run_video(predictor: Any, path: Path, out_dir: Optional[Path], score_thresh:
 def run(args: argparse.Namespace) -> int:
     """Run inference as described by ``args``; returns the exit code."""
     kind, files = classify_input(Path(args.input))
+    if args.output and Path(args.output).resolve() in {f.parent.resolve() for f in files}:
+        raise ToolError(f"--output {args.output} is the input's folder; drawn files would overwrite the originals, "
+                        "choose another folder")
     if kind == "images" and len(files) == 1:  # fail on an unreadable image before loading the model
         from detkit.data.images import read_image
 
