@@ -1,0 +1,5 @@
+"""Low-level tensor operators (torch/torchvision only; no other detkit imports)."""
+
+from .roi_align import roi_align, roi_align_plan_stats
+
+__all__ = ["roi_align", "roi_align_plan_stats"]
