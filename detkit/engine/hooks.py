@@ -156,8 +156,12 @@ class MetricsWriter(HookBase):
         self._last_eval_iter = st.eval_iteration
         if self.tb is not None:
             for k, v in st.eval_results.items():
-                if isinstance(v, (int, float)) and k.count("/") == 1:  # skip per-class keys
-                    self.tb.add_scalar(k, v, st.eval_iteration)
+                if not isinstance(v, (int, float)):
+                    continue
+                iou_type, _, name = k.partition("/")
+                if name.startswith("AP-"):  # per-class AP in its own section
+                    k = f"{iou_type}_per_class/{name[3:]}"
+                self.tb.add_scalar(k, v, st.eval_iteration)
             self.tb.flush()
 
     def after_step(self) -> None:

@@ -82,15 +82,15 @@ def setup_logging(output_dir: Optional[str | Path] = None, name: str = "detkit")
     return log
 
 
-def setup_output_dir(cfg: Config, output_dir: Optional[str | Path] = None) -> Path:
-    """Create the output folder, write ``config.yaml`` (rank 0) and start logging to ``log.txt``.
+def setup_output_dir(cfg: Config, output_dir: Optional[str | Path] = None, config_name: str = "config.yaml") -> Path:
+    """Create the output folder, write the resolved config (rank 0) and start logging to ``log.txt``.
 
     Returns the folder (``output_dir`` if given, else ``cfg.output_dir``).
     """
     out = Path(output_dir if output_dir is not None else cfg.output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / config_name)
     setup_logging(out)
     logging.getLogger("detkit").info("Output folder: %s", out.resolve())
     return out

@@ -1,0 +1,208 @@
+"""Building blocks of detection training and evaluation runs (``tools/train_det.py``, ``tools/eval_det.py``).
+
+Each function turns a validated :class:`~detkit.config.DetectionConfig` into one
+piece of a run (data, model, evaluator, hooks), so the tools stay short and the
+same pieces serve training and stand-alone evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ..config import DetectionConfig
+from ..data.coco import CocoData, CocoDetection, DatasetError, load_coco
+from ..data.samplers import build_detection_test_loader, build_detection_train_loader
+from ..data.transforms import build_detection_transform
+from ..evaluation.coco_eval import COCOEvaluator
+from ..models.build import build_detector
+from .distributed import barrier, get_world_size, is_main_process, unwrap_model
+from .inference import inference_on_dataset
+
+__all__ = [
+    "resolve_data_paths",
+    "load_split",
+    "resolve_num_classes",
+    "check_same_categories",
+    "batch_size_per_process",
+    "build_train_loader",
+    "build_test_dataset",
+    "build_test_loader",
+    "build_model",
+    "build_evaluator",
+    "make_eval_fn",
+    "visualization_samples",
+    "write_metrics_json",
+    "DetectionData",
+]
+
+logger = logging.getLogger("detkit.engine")
+
+
+def resolve_data_paths(cfg: DetectionConfig) -> DetectionConfig:
+    """Fill unset ``data.{train,val}.{annotations,images}`` from ``data.synthetic`` (generated once,
+    by rank 0; later calls reuse it). Explicitly set paths are kept."""
+    s = cfg.data.synthetic
+    if s is None:
+        return cfg
+    from ..data.synthetic import make_shapes_coco
+
+    kwargs = dict(num_train=s.num_train, num_val=s.num_val, image_size=s.image_size, seed=s.seed)
+    if is_main_process():
+        make_shapes_coco(s.root, **kwargs)
+    barrier()
+    paths = make_shapes_coco(s.root, **kwargs)
+    cfg = cfg.model_copy(deep=True)
+    for split in ("train", "val"):
+        sc = getattr(cfg.data, split)
+        if sc.annotations is None and sc.images is None:
+            sc.annotations, sc.images = paths[f"{split}_annotations"], paths[f"{split}_images"]
+    return cfg
+
+
+def load_split(cfg: DetectionConfig, split: str, is_train: bool) -> CocoData:
+    """Read and validate ``data.<split>``; a clear :class:`DatasetError` when it is not set."""
+    sc = getattr(cfg.data, split)
+    for key in ("annotations", "images"):
+        if not getattr(sc, key):
+            raise DatasetError(
+                f"data.{split}.{key} is not set: pass data.{split}.annotations=FILE.json and "
+                f"data.{split}.images=FOLDER (or use a config with data.synthetic)"
+            )
+    return load_coco(sc.annotations, sc.images, filter_empty=cfg.data.filter_empty, is_train=is_train)
+
+
+def resolve_num_classes(cfg: DetectionConfig, data: CocoData) -> int:
+    """Number of categories in the annotations; ``model.num_classes`` may only confirm it."""
+    n = data.num_classes
+    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
+        raise DatasetError(
+            f"model.num_classes={cfg.model.num_classes} but {data.annotations_path} has {n} categories "
+            f"({', '.join(data.class_names[:5])}{', ...' if n > 5 else ''}); remove model.num_classes "
+            "or use matching annotations"
+        )
+    return n
+
+
+def check_same_categories(train: CocoData, val: CocoData) -> None:
+    """Labels are shared between splits: the category ids must be identical."""
+    if list(train.category_ids) != list(val.category_ids):
+        only_t = sorted(set(train.category_ids) - set(val.category_ids))
+        only_v = sorted(set(val.category_ids) - set(train.category_ids))
+        raise DatasetError(
+            f"categories differ between {train.annotations_path} and {val.annotations_path} "
+            f"(ids only in train: {only_t}, only in val: {only_v}); both files need the same 'categories'"
+        )
+
+
+def batch_size_per_process(total: int, key: str = "train.batch_size") -> int:
+    """``total`` split evenly over the processes (an error if it does not divide)."""
+    from ..config import ConfigError
+
+    world = get_world_size()
+    if total % world != 0 or total < world:
+        raise ConfigError(f"{key}={total} (total over processes) must be a positive multiple of the {world} "
+                          f"processes")
+    return total // world
+
+
+def build_train_loader(cfg: DetectionConfig, data: CocoData, start_iter: int) -> Any:
+    """Infinite, resumable training loader (batch ``i`` is the same after a resume at ``start_iter``)."""
+    with_masks = cfg.model.meta_architecture == "mask_rcnn"
+    dataset = CocoDetection(data, build_detection_transform(cfg.input, True, seed=cfg.train.seed), with_masks)
+    return build_detection_train_loader(
+        dataset, data.aspect_ratios, batch_size_per_process(cfg.train.batch_size), cfg.dataloader.num_workers,
+        seed=cfg.train.seed, start_iter=start_iter, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+    )
+
+
+def build_test_dataset(cfg: DetectionConfig, data: CocoData, with_masks: bool = False) -> CocoDetection:
+    """The evaluation dataset: test-time resize, no augmentation."""
+    return CocoDetection(data, build_detection_transform(cfg.input, False), with_masks)
+
+
+def build_test_loader(cfg: DetectionConfig, data: CocoData) -> Any:
+    """Finite loader over this process's shard of ``data`` (every image once over all processes)."""
+    return build_detection_test_loader(build_test_dataset(cfg, data), batch_size=cfg.test.batch_size,
+                                       num_workers=cfg.dataloader.num_workers)
+
+
+def build_model(cfg: DetectionConfig, num_classes: int, device: torch.device) -> nn.Module:
+    """``build_detector`` (loading ``model.backbone.weights`` / ``model.weights`` with a logged report)
+    on ``device``; SyncBN (``train.sync_bn``) and DDP when running under torchrun."""
+    model = build_detector(cfg, num_classes).to(device)
+    if get_world_size() > 1:
+        if cfg.train.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+    elif cfg.train.sync_bn:
+        logger.info("train.sync_bn has no effect with a single process")
+    return model
+
+
+def build_evaluator(cfg: DetectionConfig, data: CocoData) -> COCOEvaluator:
+    """COCO evaluator for ``data`` (bbox, plus segm for Mask R-CNN) with ``test.eval_backend``."""
+    iou_types = ("bbox", "segm") if cfg.model.meta_architecture == "mask_rcnn" else ("bbox",)
+    return COCOEvaluator(data.coco, data.category_ids, data.class_names, iou_types, backend=cfg.test.eval_backend)
+
+
+def make_eval_fn(cfg: DetectionConfig, val: CocoData, model_fn: Callable[[], nn.Module],
+                 device: torch.device) -> Callable[[], dict[str, float]]:
+    """``() -> metrics`` evaluating ``model_fn()`` (the model or its EMA) on ``val``."""
+    loader = build_test_loader(cfg, val)
+    evaluator = build_evaluator(cfg, val)
+
+    def eval_fn() -> dict[str, float]:
+        return inference_on_dataset(model_fn(), loader, evaluator, cfg.test.precision, device)
+
+    return eval_fn
+
+
+def visualization_samples(cfg: DetectionConfig, val: CocoData, n: int) -> list:
+    """The first ``n`` readable validation images (test transform) with their ground truth."""
+    if n <= 0 or not is_main_process():
+        return []
+    ds = build_test_dataset(cfg, val, with_masks=cfg.model.meta_architecture == "mask_rcnn")
+    out = []
+    for i in range(len(ds)):
+        s = ds[i]
+        if s is not None:
+            out.append((s.image, s.targets))
+        if len(out) >= n:
+            break
+    return out
+
+
+def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
+    """Write flat metrics as JSON (NaN -> null), atomically."""
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(clean, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+@dataclass
+class DetectionData:
+    """The validated splits of a run and the label space they share."""
+
+    train: Optional[CocoData]
+    val: Optional[CocoData]
+    num_classes: int
+
+    @property
+    def class_names(self) -> list[str]:
+        return (self.train or self.val).class_names  # type: ignore[union-attr]
+
+
+def eval_model(model: nn.Module, ema: Optional[Any]) -> nn.Module:
+    """The model to evaluate: the EMA copy when EMA is on, else the (unwrapped) trained model."""
+    return ema.module if ema is not None else unwrap_model(model)

@@ -1,0 +1,170 @@
+#!/usr/bin/env python
+"""Train a Faster / Mask R-CNN detector on COCO-format data.
+
+    python tools/train_det.py --config configs/demo/shapes_mask_rcnn_R_18_FPN.yaml
+    python tools/train_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
+        data.train.annotations=ann/train.json data.train.images=img/train \\
+        data.val.annotations=ann/val.json data.val.images=img/val --output-dir output/run1
+    torchrun --nproc_per_node 8 tools/train_det.py --config ... [--resume] [key=value ...]
+
+Outputs in the output folder: config.yaml, log.txt, metrics.jsonl (one line per logged
+iteration), metrics.json (final COCO metrics, percent), checkpoints/last.pth, best.pth and the
+last numbered ones, TensorBoard events (``tensorboard --logdir OUTPUT_DIR``).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from detkit.config import ConfigError, DetectionConfig, load_config
+from detkit.engine import (
+    BestCheckpointer,
+    EvalHook,
+    HookBase,
+    LRSchedule,
+    LRScheduler,
+    MetricsWriter,
+    ModelEMA,
+    PeriodicCheckpointer,
+    ProgressBar,
+    Trainer,
+    VisualizationHook,
+    build_sgd,
+    restore_training_state,
+)
+from detkit.engine.detection import (
+    DetectionData,
+    build_model,
+    build_train_loader,
+    check_same_categories,
+    eval_model,
+    load_split,
+    make_eval_fn,
+    resolve_data_paths,
+    resolve_num_classes,
+    visualization_samples,
+    write_metrics_json,
+)
+from detkit.engine.distributed import init_distributed, is_main_process, unwrap_model
+from detkit.engine.launch import default_argument_parser, run_cli, seed_everything, setup_output_dir
+from detkit.evaluation import format_coco_table, format_per_class_table
+
+logger = logging.getLogger("detkit.train")
+
+
+def load_detection_config(path: str, overrides: Sequence[str]) -> DetectionConfig:
+    """The config plus overrides; it must be a detection config."""
+    cfg = load_config(path, list(overrides))
+    if not isinstance(cfg, DetectionConfig):
+        raise ConfigError(f"{path}: this is a classification config; use tools/pretrain_cls.py")
+    return cfg
+
+
+def build_data(cfg: DetectionConfig) -> DetectionData:
+    """Validated train and val splits (the val split is optional: no evaluation without it)."""
+    train = load_split(cfg, "train", is_train=True)
+    val = None
+    if cfg.data.val.annotations or cfg.data.val.images:
+        val = load_split(cfg, "val", is_train=False)
+        check_same_categories(train, val)
+    else:
+        logger.warning("data.val is not set: training without evaluation")
+    num_classes = resolve_num_classes(cfg, train)
+    logger.info("%d classes; %d training images%s", num_classes, len(train),
+                f", {len(val)} validation images" if val is not None else "")
+    return DetectionData(train, val, num_classes)
+
+
+def build_optimizer(cfg: DetectionConfig, model: nn.Module) -> torch.optim.Optimizer:
+    t = cfg.train
+    return build_sgd(model, t.base_lr, t.momentum, t.weight_decay, t.weight_decay_norm, t.weight_decay_bias)
+
+
+def build_schedule(cfg: DetectionConfig) -> LRSchedule:
+    t = cfg.train
+    return LRSchedule(t.max_iters, t.lr_schedule, t.steps, t.gamma, t.warmup_iters, t.warmup_factor)
+
+
+def maybe_resume(resume: bool, out: Path, trainer: Trainer) -> int:
+    """Restore ``checkpoints/last.pth`` into the trainer when ``--resume``; returns the start iteration."""
+    last = out / "checkpoints" / "last.pth"
+    if not resume:
+        return 0
+    if not last.is_file():
+        logger.warning("--resume: %s not found; starting from scratch", last)
+        return 0
+    ckpt = restore_training_state(last, trainer.model, trainer.optimizer, trainer.scaler, trainer.ema)
+    logger.info("Resumed from %s at iteration %d", last, ckpt["iteration"])
+    return int(ckpt["iteration"])
+
+
+def build_hooks(cfg: DetectionConfig, out: Path, trainer: Trainer, data: DetectionData,
+                device: torch.device) -> list[HookBase]:
+    """LR schedule, checkpoints, evaluation, best checkpoint, TensorBoard images, logs, progress bar."""
+    t = cfg.train
+    config_dict = cfg.model_dump(mode="json")
+    schedule = build_schedule(cfg)
+    hooks: list[HookBase] = [
+        LRScheduler(schedule),
+        PeriodicCheckpointer(out / "checkpoints", t.checkpoint_period, t.keep_last, config_dict,
+                             schedule.state_dict()),
+    ]
+    writer = MetricsWriter(out, t.log_period)
+    if data.val is not None:
+        eval_fn = make_eval_fn(cfg, data.val, lambda: eval_model(trainer.model, trainer.ema), device)
+        hooks.append(EvalHook(t.eval_period, eval_fn))
+        hooks.append(BestCheckpointer(out / "checkpoints", "bbox/AP", config=config_dict))
+        samples = visualization_samples(cfg, data.val, t.num_vis_images)
+        if samples:
+            hooks.append(VisualizationHook(writer, samples, data.class_names, t.vis_period))
+    hooks += [writer, ProgressBar()]
+    return hooks
+
+
+def report(out: Path, metrics: dict[str, float]) -> None:
+    """Write metrics.json and print the COCO tables and where everything is (rank 0)."""
+    if not is_main_process():
+        return
+    if metrics:
+        write_metrics_json(out / "metrics.json", metrics)
+        print(format_coco_table(metrics))
+        print(format_per_class_table(metrics))
+    print(f"\nOutputs in {out}: metrics.json, metrics.jsonl, log.txt, config.yaml, checkpoints/ (last.pth, best.pth)")
+    print(f"TensorBoard: tensorboard --logdir {out}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = default_argument_parser(__doc__.splitlines()[1]).parse_args(argv)
+    cfg = load_detection_config(args.config, args.overrides)
+    device = init_distributed()
+    out = setup_output_dir(cfg, args.output_dir)
+    seed_everything(cfg.train.seed)
+    cfg = resolve_data_paths(cfg)
+    data = build_data(cfg)
+
+    model = build_model(cfg, data.num_classes, device)
+    ema = ModelEMA(unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema else None
+    trainer = Trainer(model, build_optimizer(cfg, model), [], cfg.train.max_iters, device=device,
+                      amp=cfg.train.amp, clip_grad_norm=cfg.train.clip_grad_norm, ema=ema)
+    trainer.start_iter = trainer.iter = maybe_resume(args.resume, out, trainer)
+    trainer.data_loader = build_train_loader(cfg, data.train, trainer.start_iter)
+    trainer.register_hooks(build_hooks(cfg, out, trainer, data, device))
+    try:
+        trainer.train()
+    except FloatingPointError as e:
+        last = out / "checkpoints" / "last.pth"
+        kept = f"last good checkpoint kept: {last}" if last.is_file() else "no checkpoint was written yet"
+        raise FloatingPointError(f"{e}; {kept}") from None
+
+    report(out, trainer.storage.eval_results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
