@@ -14,6 +14,7 @@ from torch import nn
 from detkit.checkpoint import load_checkpoint
 from detkit.config import ConfigError
 from detkit.engine import (
+    EvalMetricsWriter,
     LRSchedule,
     LRScheduler,
     MetricsWriter,
@@ -259,7 +260,8 @@ def test_ema_matches_closed_form() -> None:
 # --------------------------------------------------------------------------- logging
 def test_metrics_jsonl_and_truncation_on_resume(tmp_path: Path) -> None:
     t = make_trainer(tmp_path, max_iters=6, period=0)
-    t.register_hooks([MetricsWriter(tmp_path, period=2, tensorboard=True)])
+    w = MetricsWriter(tmp_path, period=2, tensorboard=True)
+    t.register_hooks([w, EvalMetricsWriter(w)])
     t.train()
     lines = [json.loads(s) for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["iter"] for r in lines] == [2, 4, 6]
@@ -270,7 +272,8 @@ def test_metrics_jsonl_and_truncation_on_resume(tmp_path: Path) -> None:
     assert list(tmp_path.glob("events.out.tfevents.*"))
     # resume from iteration 2: the lines after 2 are replaced, not duplicated
     t2 = make_trainer(tmp_path, max_iters=6, start_iter=2, period=0)
-    t2.register_hooks([MetricsWriter(tmp_path, period=2, tensorboard=False)])
+    w2 = MetricsWriter(tmp_path, period=2, tensorboard=False)
+    t2.register_hooks([w2, EvalMetricsWriter(w2)])
     t2.train()
     iters = [json.loads(s)["iter"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert iters == [2, 4, 6]

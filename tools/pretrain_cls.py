@@ -25,6 +25,7 @@ from torch import nn
 from detkit.config import ClassificationConfig, ConfigError, config_from_dict, load_config
 from detkit.data.coco import DatasetError
 from detkit.engine import (
+    EvalMetricsWriter,
     LRSchedule,
     LRScheduler,
     MetricsWriter,
@@ -162,7 +163,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extra=lambda it: {"epoch": it // ipe, "iters_per_epoch": ipe, "classes": list(train_ds.classes),
                           "history": list(epoch_hook.history)},
     )
-    trainer.register_hooks([LRScheduler(schedule), epoch_hook, checkpointer, writer, ProgressBar()])
+    trainer.register_hooks([LRScheduler(schedule), writer, epoch_hook, checkpointer, EvalMetricsWriter(writer),
+                            ProgressBar()])
     trainer.train()
 
     metrics = write_metrics(out, epoch_hook.history)

@@ -26,6 +26,7 @@ from detkit.config import ConfigError, DetectionConfig, load_config
 from detkit.engine import (
     BestCheckpointer,
     EvalHook,
+    EvalMetricsWriter,
     HookBase,
     LRSchedule,
     LRScheduler,
@@ -110,12 +111,13 @@ def build_hooks(cfg: DetectionConfig, out: Path, trainer: Trainer, data: Detecti
     t = cfg.train
     config_dict = cfg.model_dump(mode="json")
     schedule = build_schedule(cfg)
+    writer = MetricsWriter(out, t.log_period)
     hooks: list[HookBase] = [
         LRScheduler(schedule),
+        writer,  # logs an iteration before its checkpoint is written (see detkit.engine.hooks)
         PeriodicCheckpointer(out / "checkpoints", t.checkpoint_period, t.keep_last, config_dict,
                              schedule.state_dict()),
     ]
-    writer = MetricsWriter(out, t.log_period)
     if data.val is not None:
         eval_fn = make_eval_fn(cfg, data.val, lambda: eval_model(trainer.model, trainer.ema), device)
         hooks.append(EvalHook(t.eval_period, eval_fn))
@@ -123,7 +125,7 @@ def build_hooks(cfg: DetectionConfig, out: Path, trainer: Trainer, data: Detecti
         samples = visualization_samples(cfg, data.val, t.num_vis_images)
         if samples:
             hooks.append(VisualizationHook(writer, samples, data.class_names, t.vis_period))
-    hooks += [writer, ProgressBar()]
+    hooks += [EvalMetricsWriter(writer), ProgressBar()]
     return hooks
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .checkpointing import BestCheckpointer, PeriodicCheckpointer, restore_training_state, training_state
 from .ema import ModelEMA
-from .hooks import EvalHook, LRScheduler, MetricsWriter, ProgressBar, VisualizationHook
+from .hooks import EvalHook, EvalMetricsWriter, LRScheduler, MetricsWriter, ProgressBar, VisualizationHook
 from .lr_schedule import LRSchedule, lr_factor
 from .optim import build_adamw, build_sgd, param_groups
 from .trainer import HookBase, MetricStorage, Trainer
@@ -24,6 +24,7 @@ __all__ = [
     "LRScheduler",
     "EvalHook",
     "MetricsWriter",
+    "EvalMetricsWriter",
     "ProgressBar",
     "VisualizationHook",
     "PeriodicCheckpointer",

@@ -1,10 +1,12 @@
 """Training hooks: LR schedule, periodic evaluation, logging (text, JSON lines, TensorBoard), progress bar.
 
 Checkpointing hooks live in :mod:`detkit.engine.checkpointing`. Recommended order:
-``LRScheduler, PeriodicCheckpointer, EvalHook, BestCheckpointer, VisualizationHook,
-MetricsWriter, ProgressBar`` (the checkpoint is written before an evaluation that
-could fail, the best checkpoint sees the fresh metrics, and the TensorBoard writer
-is closed last).
+``LRScheduler, MetricsWriter, PeriodicCheckpointer, EvalHook, BestCheckpointer,
+VisualizationHook, EvalMetricsWriter, ProgressBar``: an iteration is logged before its
+checkpoint is written (so a run killed right after a checkpoint and resumed from it
+has no gap in ``metrics.jsonl``), the checkpoint is written before an evaluation that
+could fail, the best checkpoint sees the fresh metrics, and the TensorBoard writer is
+closed last.
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from .lr_schedule import LRSchedule
 from .optim import set_lr
 from .trainer import HookBase
 
-__all__ = ["LRScheduler", "EvalHook", "MetricsWriter", "ProgressBar", "VisualizationHook", "truncate_jsonl"]
+__all__ = [
+    "LRScheduler",
+    "EvalHook",
+    "MetricsWriter",
+    "EvalMetricsWriter",
+    "ProgressBar",
+    "VisualizationHook",
+    "truncate_jsonl",
+]
 
 logger = logging.getLogger("detkit.engine")
 
@@ -149,7 +159,10 @@ class MetricsWriter(HookBase):
             f"  skipped images: {st.skipped_images}" if st.skipped_images else "",
         )
 
-    def _write_eval(self) -> None:
+    def write_eval(self) -> None:
+        """Send the newest evaluation metrics (if not sent yet) to TensorBoard (rank 0)."""
+        if not is_main_process():
+            return
         st = self.trainer.storage
         if st.eval_iteration == self._last_eval_iter or not st.eval_results:
             return
@@ -168,12 +181,20 @@ class MetricsWriter(HookBase):
         completed = self.trainer.iter + 1
         if completed % self.period == 0 or completed == self.trainer.max_iters:
             self._write_iteration(completed)
-        if is_main_process():
-            self._write_eval()
+        self.write_eval()
+
+    def close(self) -> None:
+        """Close metrics.jsonl and the TensorBoard writer."""
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
 
     def after_train(self) -> None:
+        """Summary lines; the files stay open for later hooks until :class:`EvalMetricsWriter` closes them."""
         if is_main_process():
-            self._write_eval()
             if self.trainer.storage.skipped_images:
                 logger.warning("%d unreadable images were skipped during training",
                                self.trainer.storage.skipped_images)
@@ -182,10 +203,24 @@ class MetricsWriter(HookBase):
             logger.info("Trained %d iterations in %s (%.2f s/it)", done, _fmt_seconds(total),
                         total / max(done, 1))
         if self._jsonl is not None:
-            self._jsonl.close()
-            self._jsonl = None
-        if self.tb is not None:
-            self.tb.close()
+            self._jsonl.flush()
+
+
+class EvalMetricsWriter(HookBase):
+    """Registered after the evaluation hooks: sends fresh eval metrics to the :class:`MetricsWriter`'s
+    TensorBoard right after each evaluation, and closes the writer at the end of training."""
+
+    def __init__(self, writer: MetricsWriter) -> None:
+        self.writer = writer
+
+    def after_step(self) -> None:
+        self.writer.write_eval()
+
+    def after_train(self) -> None:
+        try:
+            self.writer.write_eval()
+        finally:
+            self.writer.close()
 
 
 def _fmt_seconds(s: float) -> str:

@@ -1,0 +1,141 @@
+"""Evaluation: inference_on_dataset with an oracle detector, and tools/eval_det.py end to end."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torchvision.ops import roi_align
+
+from detkit.config import load_config
+from detkit.data.synthetic import make_shapes_coco
+from detkit.engine import inference_on_dataset
+from detkit.engine.detection import build_evaluator, build_test_dataset, build_test_loader, load_split
+from detkit.engine.launch import run_cli
+from detkit.structures import Detections
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "configs" / "demo" / "shapes_mask_rcnn_R_18_FPN.yaml"
+TINY_MODEL = [
+    "model.fpn.out_channels=32", "model.rpn.pre_nms_topk_test=100", "model.rpn.post_nms_topk_test=30",
+    "model.roi_heads.box_head.fc_dim=64", "model.roi_heads.mask_head.conv_dim=16",
+    "model.roi_heads.mask_head.num_conv=1", "dataloader.num_workers=0",
+]
+
+spec = importlib.util.spec_from_file_location("eval_det_tool", ROOT / "tools" / "eval_det.py")
+eval_det = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(eval_det)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> dict:
+    return make_shapes_coco(tmp_path_factory.mktemp("shapes"), num_train=2, num_val=6, image_size=128, seed=1)
+
+
+def _cfg(shapes: dict, *extra: str):
+    return load_config(DEMO, TINY_MODEL + [
+        "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
+        f"data.val.images={shapes['val_images']}", "input.min_size_test=96", "input.max_size_test=200",
+        "test.batch_size=2", *extra])
+
+
+class OracleDetector(nn.Module):
+    """Predicts the ground truth of each (resized) image: boxes exactly, masks as 28x28 crops."""
+
+    def __init__(self, dataset) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(1))
+        self.mask_threshold = 0.5
+        self.truth = {}
+        for i in range(len(dataset)):
+            s = dataset[i]
+            self.truth[self._key(s.image)] = s.targets
+
+    @staticmethod
+    def _key(image: torch.Tensor) -> tuple:
+        return tuple(image.shape) + (int(image.long().sum()),)
+
+    def predict(self, images, paste_masks: bool = True) -> list[Detections]:
+        out = []
+        for im in images:
+            t = self.truth[self._key(im)]
+            n = len(t)
+            # (N, H, W) GT masks -> (N, 1, 28, 28) probabilities inside each box
+            rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], t.boxes], dim=1)
+            masks = roi_align(t.masks[:, None].float(), rois, (28, 28), 1.0, 2, aligned=True)
+            out.append(Detections(t.boxes.clone(), torch.linspace(1.0, 0.5, n), t.labels.clone(), masks))
+        return out
+
+
+@pytest.mark.parametrize("backend", ["pycocotools", "faster_coco_eval"])
+def test_inference_on_dataset_with_oracle_gives_perfect_boxes(shapes: dict, backend: str) -> None:
+    if backend == "faster_coco_eval":
+        pytest.importorskip("faster_coco_eval", reason="faster-coco-eval not installed")
+    cfg = _cfg(shapes, f"test.eval_backend={backend}")
+    val = load_split(cfg, "val", is_train=False)
+    oracle = OracleDetector(build_test_dataset(cfg, val, with_masks=True))
+    sample = build_test_dataset(cfg, val)[0]
+    assert tuple(sample.image.shape[-2:]) == (96, 96) and sample.orig_size == (128, 128)  # rescaling matters
+    oracle.train()
+    metrics = inference_on_dataset(oracle, build_test_loader(cfg, val), build_evaluator(cfg, val), progress=False)
+    assert oracle.training  # mode restored
+    assert metrics["bbox/AP"] == pytest.approx(100.0, abs=1e-6)
+    assert metrics["bbox/AR100"] == pytest.approx(100.0, abs=1e-6)
+    assert 60.0 < metrics["segm/AP"] <= 100.0
+    assert metrics["segm/AP50"] == pytest.approx(100.0, abs=1e-6)
+
+
+def test_eval_det_writes_metrics_and_results_that_cocoeval_reproduces(shapes: dict, tmp_path: Path, capsys) -> None:
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from detkit.models.build import build_detector
+
+    # random weights; trainable-BN statistics keep the random activations finite
+    extra = ["model.backbone.norm=BN", "model.roi_heads.score_thresh_test=0.0", "model.roi_heads.nms_thresh_test=0.3"]
+    cfg = _cfg(shapes, *extra)
+    torch.manual_seed(0)
+    ckpt = tmp_path / "random.pth"
+    torch.save({"model": build_detector(cfg, 4).state_dict()}, ckpt)
+    out = tmp_path / "eval"
+    argv = ["--config", str(DEMO), "--weights", str(ckpt), "--output-dir", str(out), *TINY_MODEL,
+            "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
+            f"data.val.images={shapes['val_images']}", "input.min_size_test=96", "input.max_size_test=200", *extra]
+    assert run_cli(eval_det.main, argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]") == 2  # bbox+segm
+    assert "Per-category bbox AP" in printed and "circle" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    assert results and {"image_id", "category_id", "bbox", "score", "segmentation"} <= set(results[0])
+    assert {r["category_id"] for r in results} <= {1, 3, 7, 9}  # the dataset's own (non-contiguous) ids
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(shapes["val_annotations"])
+        dt = gt.loadRes([{k: r[k] for k in ("image_id", "category_id", "bbox", "score")} for r in results])
+        ev = COCOeval(gt, dt, "bbox")
+        ev.evaluate(), ev.accumulate(), ev.summarize()
+    assert metrics["bbox/AP"] == pytest.approx(100.0 * max(ev.stats[0], 0.0), abs=1e-6)
+    assert metrics["bbox/AR100"] == pytest.approx(100.0 * max(ev.stats[8], 0.0), abs=1e-6)
+
+
+def test_eval_det_rejects_weights_of_another_class_count(shapes: dict, tmp_path: Path, capsys) -> None:
+    from detkit.models.build import build_detector
+
+    cfg = _cfg(shapes)
+    ckpt = tmp_path / "seven.pth"
+    torch.save({"model": build_detector(cfg, 7).state_dict()}, ckpt)
+    argv = ["--config", str(DEMO), "--weights", str(ckpt), "--output-dir", str(tmp_path / "o"), *TINY_MODEL,
+            "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
+            f"data.val.images={shapes['val_images']}"]
+    assert run_cli(eval_det.main, argv) == 2
+    err = [s for s in capsys.readouterr().err.splitlines() if s.startswith("error:")]
+    assert len(err) == 1 and "does not fit this config with 4 classes" in err[0]
+    assert "roi_heads" in err[0]
+    assert not (tmp_path / "o" / "metrics.json").exists()
