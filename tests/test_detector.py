@@ -14,6 +14,16 @@ from detkit.models.detector import TwoStageDetector, rescale_detections
 from detkit.structures import Detections, Targets
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
+    make these CPU-heavy tests 5-10x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _cfg(arch: str = "mask_rcnn") -> DetectionConfig:
     cfg = DetectionConfig()
     m = cfg.model

@@ -25,6 +25,16 @@ SMALL = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
+    make these CPU-heavy tests 5-10x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _write(tmp_path, bias: float, extra: dict | None = None):
     """Config file + weights of a random small Mask R-CNN whose background logit has ``bias``."""
     cfg_dict = {**SMALL, **(extra or {})}

@@ -38,6 +38,16 @@ BUILDERS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
+    make these CPU-heavy tests 5-10x slower; restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _synthetic_image(h: int, w: int, seed: int) -> torch.Tensor:
     """uint8 [3, h, w]: smoothed noise with a few flat rectangles (some structure for the features)."""
     g = torch.Generator().manual_seed(seed)
@@ -114,12 +124,13 @@ def _compare(ref: dict, det: Detections, with_masks: bool) -> dict[str, float]:
     """Greedy one-to-one matching in torchvision's score order; asserts the tolerances."""
     n_ref = len(ref["boxes"])
     assert len(det) == n_ref, f"detkit {len(det)} vs torchvision {n_ref} detections"
-    assert n_ref > 0, "the randomized model should produce detections"
     iou = box_iou(ref["boxes"], det.boxes)  # (n_ref, n_det)
     same_label = (det.labels[None, :] + 1) == ref["labels"][:, None]
     iou = torch.where(same_label, iou, torch.full_like(iou, -1.0))
     taken = torch.zeros(len(det), dtype=torch.bool)
     worst = {"box_iou_min": 1.0, "score_diff_max": 0.0, "mask_iou_min": 1.0}
+    if n_ref == 0:
+        return worst
     for i in range(n_ref):
         cand = iou[i].masked_fill(taken, -1.0)
         # among near-identical boxes of one class prefer the closest score
@@ -143,6 +154,7 @@ def _compare(ref: dict, det: Detections, with_masks: bool) -> dict[str, float]:
 def _check(models, images: list[torch.Tensor], tag: str) -> None:
     arch, tv, dk = models
     ref, out = _run(tv, dk, images)
+    assert sum(len(r["boxes"]) for r in ref) > 0, "the randomized model should produce detections"
     for k, (r, d, im) in enumerate(zip(ref, out, images)):
         assert d.boxes.dtype == torch.float32 and d.labels.dtype == torch.int64
         if arch == "mask":
@@ -152,7 +164,7 @@ def _check(models, images: list[torch.Tensor], tag: str) -> None:
             assert d.masks is None
         worst = _compare(r, d, with_masks=arch == "mask")
         print(f"[parity {arch} {tag} image {k} {tuple(im.shape[1:])}] detections={len(d)} "
-              f"labels={len(set(d.labels.tolist()))} " + " ".join(f"{a}={b:.3g}" for a, b in worst.items()))
+              f"labels={len(set(d.labels.tolist()))} " + " ".join(f"{a}={b:.3g}" if "score" in a else f"{a}={b:.6f}" for a, b in worst.items()))
 
 
 def test_parity_synthetic_small(models) -> None:
