@@ -128,7 +128,8 @@ def test_corrupt_images_are_skipped_counted_and_training_completes(shapes: dict,
     paths = {k: v.replace(shapes["root"], str(data)) for k, v in shapes.items()}
     out = tmp_path / "run"
     assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)]
-                   + _shapes_overrides(paths, **{"train.num_vis_images": 0})) == 0
+                   + _shapes_overrides(paths, **{"train.num_vis_images": 0, "train.ema": "true",
+                                                  "train.ema_decay": 0.5})) == 0
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["iter"] == 3
     skipped = lines[-1]["skipped_images"]
@@ -137,6 +138,9 @@ def test_corrupt_images_are_skipped_counted_and_training_completes(shapes: dict,
     assert f"{skipped} unreadable images were skipped during training" in log
     assert any(p.name in log for p in corrupt)
     assert (out / "metrics.json").is_file()
+    ck = load_checkpoint(out / "checkpoints" / "last.pth")
+    assert ck["ema"]["updates"] == 3  # EMA on: updated every step, saved, and used for evaluation
+    assert any(not torch.equal(v, ck["model"][k]) for k, v in ck["ema"]["model"].items() if v.is_floating_point())
 
 
 def test_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(shapes: dict, tmp_path: Path, capsys) -> None:

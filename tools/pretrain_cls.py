@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from detkit.config import ClassificationConfig, ConfigError, config_from_dict, load_config
+from detkit.config import ClassificationConfig, ConfigError, load_config
 from detkit.data.coco import DatasetError
 from detkit.engine import (
     EvalMetricsWriter,
@@ -69,8 +69,8 @@ def build_model(cfg: ClassificationConfig, num_classes: int, device: torch.devic
     from detkit.models import build_classifier
 
     norm = cfg.model.norm
-    if norm == "SyncBN" and get_world_size() == 1:
-        norm = "BN"  # SyncBN needs a process group; with one process it equals BN
+    if norm == "SyncBN" and (get_world_size() == 1 or device.type == "cpu"):
+        norm = "BN"  # one process: SyncBN equals BN; CPU: torch's SyncBatchNorm has no CPU kernel
     model = build_classifier(cfg.model.arch, num_classes, norm=norm, zero_init_residual=cfg.model.zero_init_residual)
     if cfg.model.weights:
         logger.info("Initializing from model.weights:\n%s", load_weights(model, cfg.model.weights).summary())

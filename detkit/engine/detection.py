@@ -41,6 +41,7 @@ __all__ = [
     "visualization_samples",
     "write_metrics_json",
     "DetectionData",
+    "eval_model",
 ]
 
 logger = logging.getLogger("detkit.engine")
@@ -139,7 +140,10 @@ def build_model(cfg: DetectionConfig, num_classes: int, device: torch.device) ->
     on ``device``; SyncBN (``train.sync_bn``) and DDP when running under torchrun."""
     model = build_detector(cfg, num_classes).to(device)
     if get_world_size() > 1:
-        if cfg.train.sync_bn:
+        if cfg.train.sync_bn and device.type == "cpu":
+            logger.warning("train.sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
+                           "each process normalizes its own batch")
+        elif cfg.train.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=False

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Optional, Sequenc
 import torch
 from torch import Tensor, nn
 
-from .distributed import get_world_size, is_distributed
+from .distributed import get_world_size, is_distributed, unwrap_model
 from .ema import ModelEMA
 
 __all__ = ["HookBase", "MetricStorage", "Trainer", "autocast_context", "default_loss_fn"]
@@ -247,8 +247,6 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            from .distributed import unwrap_model
-
             self.ema.update(unwrap_model(self.model))
 
         self.storage.put_scalar("data_time", data_time)
