@@ -102,7 +102,7 @@ class ModelConfig(_Strict):
     meta_architecture: Literal["faster_rcnn", "mask_rcnn"] = "faster_rcnn"
     num_classes: Optional[int] = None  # None: taken from the training data
     weights: Optional[str] = None  # full detector init (any load_weights format)
-    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # RGB, 0-255 scale
+    pixel_mean: tuple[float, float, float] = (123.675, 116.28, 103.53)  # in input_format order, 0-255 scale
     pixel_std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     input_format: Literal["RGB", "BGR"] = "RGB"  # channel order the backbone expects
     size_divisibility: int = 32
