@@ -82,8 +82,9 @@ class AnchorGenerator(nn.Module):
     def _grid_anchors(
         self, level: int, size: tuple[int, int], stride: tuple[int, int], dtype: torch.dtype, device: torch.device
     ) -> Tensor:
+        tracing = torch.jit.is_tracing()  # export: sizes are traced tensors; no cache (it would hold graph values)
         key = (level, size, stride, dtype, device)
-        cached = self._cache.get(key)
+        cached = None if tracing else self._cache.get(key)
         if cached is not None:
             return cached
         h, w = size
@@ -96,6 +97,8 @@ class AnchorGenerator(nn.Module):
         shifts = torch.stack((shift_x, shift_y, shift_x, shift_y), dim=1)
         # (H*W, 1, 4) + (1, A, 4) -> (H*W*A, 4)
         anchors = (shifts[:, None, :] + base[None, :, :]).reshape(-1, 4)
+        if tracing:
+            return anchors
         if len(self._cache) >= _MAX_CACHE:
             self._cache.clear()
         self._cache[key] = anchors
@@ -115,7 +118,10 @@ class AnchorGenerator(nn.Module):
             raise ValueError(
                 f"AnchorGenerator: got {len(features)} feature maps but was built for {len(self.strides)} levels"
             )
-        sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
+        if torch.jit.is_tracing():  # keep the sizes as traced 0-dim tensors so the export stays dynamic
+            sizes = [(f.shape[-2], f.shape[-1]) for f in features]
+        else:
+            sizes = [(int(f.shape[-2]), int(f.shape[-1])) for f in features]
         if self.torchvision_strides:
             pad_h, pad_w = sizes[0][0] * self.strides[0], sizes[0][1] * self.strides[0]
             strides = [(pad_h // h, pad_w // w) for h, w in sizes]

@@ -127,6 +127,8 @@ class TwoStageDetector(nn.Module):
                 raise ValueError(f"TwoStageDetector: image {i} must be a [3, H, W] RGB tensor with H, W > 0, got {shape}")
             sizes.append((int(im.shape[1]), int(im.shape[2])))
         d = max(self.size_divisibility, 1)
+        if torch.jit.is_tracing():
+            return self._preprocess_traced(images, d)
         max_h = int(math.ceil(max(h for h, _ in sizes) / d) * d)
         max_w = int(math.ceil(max(w for _, w in sizes) / d) * d)
         batch = self.pixel_mean.new_zeros((len(images), 3, max_h, max_w))
@@ -137,6 +139,23 @@ class TwoStageDetector(nn.Module):
             h, w = sizes[i]
             batch[i, :, :h, :w] = (x - self.pixel_mean) / self.pixel_std
         return batch, sizes
+
+    def _preprocess_traced(self, images: Sequence[Tensor], d: int) -> tuple[Tensor, list[tuple[int, int]]]:
+        """:meth:`preprocess` for ``torch.jit.trace`` / ONNX export: image sizes stay traced 0-dim
+        tensors (Python ints would freeze the sample's size into the graph) and padding uses ``F.pad``."""
+        sizes = [(im.shape[1], im.shape[2]) for im in images]  # 0-dim tensors while tracing
+        hs = torch.stack([torch.as_tensor(h) for h, _ in sizes])
+        ws = torch.stack([torch.as_tensor(w) for _, w in sizes])
+        max_h = (hs.max() + (d - 1)) // d * d
+        max_w = (ws.max() + (d - 1)) // d * d
+        padded = []
+        for im, (h, w) in zip(images, sizes):
+            x = im.to(device=self.device, dtype=torch.float32)
+            if self.input_format == "BGR":
+                x = x.flip(0)
+            x = (x - self.pixel_mean) / self.pixel_std
+            padded.append(F.pad(x, (0, max_w - w, 0, max_h - h)))  # (3, h, w) -> (3, Hp, Wp)
+        return torch.stack(padded), sizes
 
     # ------------------------------------------------------------------ training
     def forward(self, images: Sequence[Tensor], targets: Sequence[Targets]) -> dict[str, Tensor]:

@@ -55,13 +55,14 @@ def assign_boxes_to_levels(
 def convert_boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
     """Concatenate per-image boxes into the ``[R, 5]`` ``(batch_index, x1, y1, x2, y2)`` format.
 
-    Builds the batch-index column with one ``repeat_interleave`` instead of a loop over images.
+    The batch-index column is built from the boxes' own shapes (no Python counts), so the
+    function stays dynamic under ``torch.jit.trace`` / ONNX export.
     """
     concat = torch.cat(list(boxes), dim=0)
-    counts = torch.tensor([len(b) for b in boxes], device=concat.device)
-    batch_idx = torch.repeat_interleave(torch.arange(len(boxes), device=concat.device), counts)
-    # (R,) + (R, 4) -> (R, 5)
-    return torch.cat([batch_idx.to(concat.dtype)[:, None], concat], dim=1)
+    # per image (Ri, 1) filled with its index -> (R, 1)
+    batch_idx = torch.cat([torch.full_like(b[:, :1], i, dtype=concat.dtype) for i, b in enumerate(boxes)], dim=0)
+    # (R, 1) + (R, 4) -> (R, 5)
+    return torch.cat([batch_idx, concat], dim=1)
 
 
 class MultiScaleRoIAlign(nn.Module):
@@ -141,7 +142,8 @@ class MultiScaleRoIAlign(nn.Module):
         if rois.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
             rois = rois.to(ref.dtype)
         num_rois = rois.shape[0]
-        if num_rois == 0:
+        tracing = torch.jit.is_tracing()  # export: no data-dependent Python branches (they would be frozen)
+        if num_rois == 0 and not tracing:
             return ref.new_zeros((0, num_channels) + self.output_size)
 
         if len(features) == 1:
@@ -155,6 +157,10 @@ class MultiScaleRoIAlign(nn.Module):
         output = ref.new_zeros((num_rois, num_channels) + self.output_size)
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             inds = torch.nonzero(level_idx == level).squeeze(1)
+            if tracing:  # every level, even one that is empty for the sample input
+                pooled = roi_align(feature, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+                output = output.index_put((inds,), pooled.to(output.dtype))
+                continue
             if inds.numel() == 0:
                 continue
             pooled = roi_align(feature, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)

@@ -165,14 +165,17 @@ class RPN(nn.Module):
         batch_idx = torch.arange(num_images, device=device)[:, None]
         sel_boxes, sel_logits, sel_levels = [], [], []
         for lvl, (anc, lg, dl) in enumerate(zip(anchors, logits, deltas)):
-            k = min(topk, lg.shape[1])
+            if torch.jit.is_tracing():  # k = min(topk, num_anchors) as a graph value, not a frozen int
+                k = torch.as_tensor(lg.shape[1]).clamp(max=topk)
+            else:
+                k = min(topk, lg.shape[1])
             top_logits, idx = lg.topk(k, dim=1)  # (N, k)
             top_deltas = dl[batch_idx, idx]  # (N, k, 4)
             top_anchors = anc[idx]  # (N, k, 4)
             boxes = self.box_coder.decode(top_deltas.reshape(-1, 4), top_anchors.reshape(-1, 4))
-            sel_boxes.append(boxes.view(num_images, k, 4))
+            sel_boxes.append(boxes.view(num_images, -1, 4))  # (N*k, 4) -> (N, k, 4)
             sel_logits.append(top_logits)
-            sel_levels.append(torch.full((num_images, k), lvl, dtype=torch.int64, device=device))
+            sel_levels.append(torch.full_like(top_logits, lvl, dtype=torch.int64))
         boxes_all = torch.cat(sel_boxes, dim=1)
         logits_all = torch.cat(sel_logits, dim=1)
         levels_all = torch.cat(sel_levels, dim=1)

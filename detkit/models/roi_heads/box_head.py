@@ -199,7 +199,7 @@ def fast_rcnn_inference(
     num_images = len(proposals)
     device = class_logits.device
     num_classes = class_logits.shape[1] - 1
-    counts = torch.tensor([len(p) for p in proposals], device=device)
+    tracing = torch.jit.is_tracing()  # export: sizes are traced tensors, no Python counts
     proposal_boxes = torch.cat(list(proposals), dim=0).float()
     num_rois = proposal_boxes.shape[0]
     # Post-process in fp32 even under autocast: bf16/fp16 boxes would be off by pixels.
@@ -210,8 +210,13 @@ def fast_rcnn_inference(
     # (R, 4K) -> (R, K, 4); class-agnostic (R, 4) -> (R, 1, 4) -> (R, K, 4)
     boxes = boxes.view(num_rois, boxes.shape[1] // 4, 4).expand(num_rois, num_classes, 4)
 
-    image_idx = torch.repeat_interleave(torch.arange(num_images, device=device), counts)  # (R,)
-    sizes = torch.tensor(list(image_sizes), dtype=boxes.dtype, device=device).view(num_images, 2)
+    # per image (Ri,) filled with its index -> (R,)
+    image_idx = torch.cat([torch.full_like(p[:, 0], i, dtype=torch.int64) for i, p in enumerate(proposals)]).to(device)
+    if tracing:  # (h, w) are 0-dim tensors while tracing: keep them in the graph
+        sizes = torch.stack([torch.stack([torch.as_tensor(h), torch.as_tensor(w)]) for h, w in image_sizes])
+        sizes = sizes.to(dtype=boxes.dtype, device=device)
+    else:
+        sizes = torch.tensor(list(image_sizes), dtype=boxes.dtype, device=device).view(num_images, 2)
     max_x = sizes[image_idx, 1].view(num_rois, 1)
     max_y = sizes[image_idx, 0].view(num_rois, 1)
     x1 = boxes[..., 0].clamp(min=0).minimum(max_x)
@@ -220,8 +225,9 @@ def fast_rcnn_inference(
     y2 = boxes[..., 3].clamp(min=0).minimum(max_y)
     # 4 x (R, K) -> (R, K, 4) -> (R*K, 4); row-major so each RoI's classes stay together
     boxes = torch.stack([x1, y1, x2, y2], dim=-1).reshape(-1, 4)
+    # (K,) -> (R, K) -> (R*K,), shaped like the scores so the count stays dynamic under tracing
+    labels = torch.arange(num_classes, device=device).expand_as(scores).reshape(-1)
     scores = scores.reshape(-1)
-    labels = torch.arange(num_classes, device=device).repeat(num_rois)
     image_of = image_idx.repeat_interleave(num_classes)
 
     wh = boxes[:, 2:] - boxes[:, :2]
@@ -230,6 +236,12 @@ def fast_rcnn_inference(
     boxes, scores, labels, image_of = boxes[keep], scores[keep], labels[keep], image_of[keep]
 
     keep = batched_nms(boxes, scores, image_of * num_classes + labels, nms_thresh)  # decreasing score
+    if tracing:  # per-image masks instead of a host-side split (whose sizes would be frozen)
+        results = []
+        for i in range(num_images):
+            kept = keep[image_of[keep] == i][:detections_per_image]
+            results.append((boxes[kept], scores[kept], labels[kept]))
+        return results
     # Stable sort by image keeps each image's detections in decreasing score order.
     image_sorted, order = torch.sort(image_of[keep], stable=True)
     keep = keep[order]

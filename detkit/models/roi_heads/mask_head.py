@@ -127,6 +127,13 @@ def mask_rcnn_inference(mask_logits: Tensor, labels: Sequence[Tensor]) -> list[T
     """
     classes = torch.cat(list(labels), dim=0)
     probs = _select_class(mask_logits, classes).float().sigmoid()[:, None]  # (D, M, M) -> (D, 1, M, M)
+    if torch.jit.is_tracing():  # slice with the traced sizes (split would freeze the counts)
+        out, start = [], 0
+        for lab in labels:
+            end = start + lab.shape[0]
+            out.append(probs[start:end])
+            start = end
+        return out
     return list(probs.split([len(lab) for lab in labels], dim=0))
 
 
