@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import importlib
 import time
+import warnings
+from pathlib import Path
 from typing import Union
 
 import pytest
@@ -272,6 +275,26 @@ def test_non_cpu_tensors_go_to_torchvision(monkeypatch: pytest.MonkeyPatch) -> N
     assert len(calls) == 1  # CPU stays on the fast path
 
 
+def test_tracing_and_compiling_use_torchvision_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Traced / exported / compiled graphs get torchvision's registered operator (ONNX symbolic)."""
+    x = torch.randn(2, 4, 10, 12)
+    rois = torch.tensor([[0, 1.0, 1, 8, 7], [1, 0, 2, 9, 9.5]])
+
+    class Pool(torch.nn.Module):
+        def forward(self, feats: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+            return roi_align(feats, boxes, 3, 1.0, 0, True)
+
+    with warnings.catch_warnings():  # torch.jit.trace is deprecated in recent torch; tracer warnings
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(Pool(), (x, rois), check_trace=False)
+    assert "torchvision::roi_align" in str(traced.graph)
+    assert "_RoIAlignCPU" not in str(traced.graph)
+    torch.testing.assert_close(traced(x, rois), torchvision.ops.roi_align(x, rois, 3, 1.0, 0, True))
+    assert not impl._use_torchvision(x)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert impl._use_torchvision(x)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_torchvision() -> None:
     x = torch.randn(2, 4, 16, 16, device="cuda")
@@ -319,3 +342,21 @@ def test_faster_than_torchvision_on_one_thread() -> None:
     finally:
         torch.set_num_threads(threads)
     assert ours < theirs, f"detkit {ours:.1f} ms vs torchvision {theirs:.1f} ms"
+
+
+def test_ops_imports_only_torch_and_torchvision() -> None:
+    ops_dir = Path(impl.__file__).parent
+    for path in ops_dir.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level > 0:  # relative: only siblings inside detkit.ops
+                    assert node.module in (None, "roi_align"), f"{path.name} imports .{node.module}"
+                    continue
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                top = name.split(".")[0]
+                assert top in {"torch", "torchvision", "__future__", "typing"}, f"{path.name} imports {name}"

@@ -41,7 +41,7 @@ __all__ = ["roi_align", "roi_align_plan_stats"]
 # Upper bound on (pixel, weight) entries built at once; RoIs are processed in chunks above it.
 _MAX_ENTRIES = 1 << 22
 # Output values (RoIs x bins x channels) handled per block in the forward and backward passes.
-_BLOCK_ELEMS = 1 << 20
+_BLOCK_ELEMS = 1 << 22
 
 
 def _pair(size: Union[int, Sequence[int]]) -> tuple[int, int]:
@@ -326,6 +326,20 @@ class _RoIAlignCPU(torch.autograd.Function):
         sampling_ratio: int,
         aligned: bool,
     ) -> Tensor:
+        with torch.autocast(device_type="cpu", enabled=False):  # the compute dtype is chosen here
+            return _RoIAlignCPU._forward(ctx, input, rois, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned)
+
+    @staticmethod
+    def _forward(
+        ctx,
+        input: Tensor,
+        rois: Tensor,
+        pooled_h: int,
+        pooled_w: int,
+        spatial_scale: float,
+        sampling_ratio: int,
+        aligned: bool,
+    ) -> Tensor:
         num, channels, height, width = input.shape
         cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         plan = _build_plan(
@@ -359,13 +373,20 @@ class _RoIAlignCPU(torch.autograd.Function):
         bins = grad_out.shape[2] * grad_out.shape[3]
         if not plan.chunks or channels == 0 or height == 0 or width == 0:
             return grad_out.new_zeros((num, channels, height, width), dtype=dtype), None, None, None, None, None, None
-        grad_rows = torch.zeros(num * height * width, channels, dtype=cdtype, device=grad_out.device)
+        device = grad_out.device
+        grad_rows = torch.zeros(num * height * width, channels, dtype=cdtype, device=device)
         # (K, C, Sh, Sw) -> (K, C, Sh*Sw)
         grad_bins = grad_out.reshape(grad_out.shape[0], channels, bins)
+        # Two buffers reused by every block: a gather then a transpose into preallocated memory
+        # is several times faster than producing fresh tensors for each block.
+        step = min(max(1, _BLOCK_ELEMS // (bins * channels)), grad_out.shape[0])
+        gathered = torch.empty(step, channels, bins, dtype=grad_out.dtype, device=device)
+        transposed = torch.empty(step, bins, channels, dtype=cdtype, device=device)
         for sel, pixels, weights, bag_start in _blocks(plan, bins, channels):
             k = sel.numel()
+            torch.index_select(grad_bins, 0, sel, out=gathered[:k])
             # block's bins, (k, C, Sh*Sw) -> (k, Sh*Sw, C) -> (k*Sh*Sw, C)
-            dense = grad_bins.index_select(0, sel).transpose(1, 2).to(cdtype).contiguous().view(-1, channels)
+            dense = transposed[:k].copy_(gathered[:k].transpose(1, 2)).view(-1, channels)
             # bin of each entry: entries are grouped by bin, bag_start delimits them
             local_bin = torch.repeat_interleave(torch.arange(k * bins, device=sel.device), bag_start.diff())
             m_t = torch.sparse_coo_tensor(
@@ -377,6 +398,14 @@ class _RoIAlignCPU(torch.autograd.Function):
         if contiguous:
             grad_in = grad_in.contiguous()
         return grad_in, None, None, None, None, None, None
+
+
+def _use_torchvision(input: Tensor) -> bool:
+    """True off CPU, for quantized inputs, and while tracing / exporting / compiling, where
+    torchvision's registered operator (with its ONNX symbolic and fake kernels) must appear."""
+    if torch.jit.is_scripting() or input.device.type != "cpu" or input.is_quantized:
+        return True
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 def roi_align(
@@ -402,11 +431,12 @@ def roi_align(
 
     On CPU this runs the gather / sparse-matmul implementation described in the module
     docstring (fp32 internally, fp64 for fp64 inputs; rois may have another float dtype than
-    the input). Elsewhere (CUDA, quantized inputs, TorchScript) it calls torchvision.
+    the input). Elsewhere (CUDA and other devices, quantized inputs, TorchScript, tracing, ONNX
+    export, torch.compile) it calls torchvision.
     """
     rois = _to_rois(boxes)
     out_h, out_w = _pair(output_size)
-    if torch.jit.is_scripting() or input.device.type != "cpu" or input.is_quantized:
+    if _use_torchvision(input):
         return torchvision.ops.roi_align(input, rois, (out_h, out_w), spatial_scale, sampling_ratio, aligned)
     if input.dim() != 4:
         raise ValueError(f"roi_align: input has shape {tuple(input.shape)}; expected [N, C, H, W].")
