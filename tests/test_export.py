@@ -27,6 +27,7 @@ from detkit.export import (
     export_onnx,
     export_torchscript,
     load_onnx,
+    load_torchscript,
     paste_masks,
     verify_exports,
 )
@@ -127,12 +128,34 @@ def test_exports_match_pytorch_on_other_sizes_and_zero_detections(exported: dict
         assert ort["min_mask_iou"] >= 0.99 and ts["min_mask_iou"] == 1.0
 
     # zero detections: empty outputs of the right shapes and dtypes, from both exports
-    ts_module = torch.jit.load(str(exported["ts"]))
+    ts_module = load_torchscript(exported["ts"])
     sess = load_onnx(exported["onnx"])
     mask_shape = [(0, 1, 28, 28)] if exported["arch"] == "mask_rcnn" else []
     for outs in (list(ts_module(images[2])), [torch.from_numpy(o) for o in sess.run(None, {"image": images[2].numpy()})]):
         assert [tuple(o.shape) for o in outs] == [(0, 4), (0,), (0,), *mask_shape]
         assert [o.dtype for o in outs[:3]] == [torch.float32, torch.float32, torch.int64]
+
+
+COCO128 = Path("/work/shared/data/coco128/images")
+
+
+@needs_ort
+def test_exports_match_pytorch_on_real_coco_images(exported: dict) -> None:
+    if not COCO128.is_dir():
+        pytest.skip(f"real COCO images not found at {COCO128}")
+    import numpy as np
+
+    from detkit.data.images import read_image
+    from detkit.predictor import resize_shortest_edge
+
+    files = sorted(COCO128.glob("*.jpg"))[:2]
+    images = [
+        torch.from_numpy(np.ascontiguousarray(resize_shortest_edge(read_image(f), 128, 192))).permute(2, 0, 1).float()
+        for f in files
+    ]
+    report = verify_exports(exported["model"], images, torchscript=exported["ts"], onnx=exported["onnx"])
+    assert report.ok, report.summary()
+    assert all(c.num_ref > 0 for c in report.checks)
 
 
 @needs_ort
@@ -247,6 +270,8 @@ def test_tool_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
     spec = importlib.util.spec_from_file_location("export_tool", TOOL)
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
+    args = tool.parse_args(["--config", "c", "--weights", "w", "--output", "o", "--verify-images", "a.jpg", "k.x=1"])
+    assert args.verify_images == ["a.jpg"] and args.overrides == ["k.x=1"]  # overrides after the images
     torch.save(tiny_model("faster_rcnn").state_dict(), w)
     cfg = load_config(CONFIG, ["model.meta_architecture=mask_rcnn", *OVERRIDES])
     with pytest.raises(tool.ToolError, match=r"does not fit the model of --config .* missing") as err:

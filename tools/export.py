@@ -77,7 +77,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--score-atol", type=float, default=1e-4, help="--verify: max score difference (default 1e-4)")
     p.add_argument("--mask-iou", type=float, default=0.99, help="--verify: min pasted-mask IoU (default 0.99)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input.min_size_test=640")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.verify_images:  # `--verify-images a.jpg k=v` : argparse gives k=v to the images; move it back
+        overrides = [v for v in args.verify_images if "=" in v and not Path(v).is_file()]
+        args.verify_images = [v for v in args.verify_images if v not in overrides]
+        args.overrides = overrides + list(args.overrides)
+    return args
 
 
 def _use_synthetic_class_names(cfg: Any) -> None:
