@@ -6,6 +6,8 @@ Cases (all with random features and boxes shaped like real Mask R-CNN training b
   mask: 128 positive RoIs x 2 images, 14x14 bins, same level, C = 256.
   msra: MultiScaleRoIAlign-style: the 1024 box-head RoIs split over p2..p5 of a 512 px input
         by the FPN level rule, one call per level, as detkit's pooler does.
+  train step (--train-step): a whole Mask R-CNN R18-FPN training step, 4 images of 320 px,
+        with the pooler's roi_align swapped between torchvision and detkit.
 
 For each case it prints the median of ``--repeats`` timings (ms) of the forward alone and of
 forward + backward, for both implementations, and the speed-up: wall-clock time, and process CPU
@@ -13,7 +15,10 @@ time (summed over threads; steadier than wall time on a shared machine). Then th
 difference of the outputs, the max relative difference of the input gradients, and the ratio of
 detkit's sparse entries to torchvision's bilinear loads. ``--threads 1`` gives single-thread numbers.
 
-    python benchmarks/bench_roi_align.py [--threads 2] [--repeats 5]
+    python benchmarks/bench_roi_align.py [--threads 2] [--repeats 5] [--quick] [--train-step]
+
+On a machine shared with other busy processes, set OMP_WAIT_POLICY=PASSIVE with --threads 2:
+OpenMP threads that spin-wait for a descheduled partner inflate every multi-threaded op.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import math
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -136,12 +142,71 @@ def run_case(
     )
 
 
+def train_step_case(repeats: int, image_size: int = 320, images: int = 4) -> None:
+    """Mask R-CNN R18-FPN training step (random weights and targets), RoIAlign swapped in the pooler.
+
+    Times forward + backward of the whole detector with ``detkit.models.poolers.roi_align``
+    set to torchvision's and to detkit's function in turn (alternating, median of ``repeats``).
+    """
+    from detkit.config import load_config
+    from detkit.models import poolers
+    from detkit.models.build import build_detector
+    from detkit.structures import Targets
+
+    if not hasattr(poolers, "roi_align"):
+        print("train step: detkit.models.poolers has no module-level roi_align to swap; skipped")
+        return
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs/coco/mask_rcnn_R_18_FPN_1x.yaml", [])
+    torch.manual_seed(0)
+    model = build_detector(cfg, 80).train()
+    gen = torch.Generator().manual_seed(0)
+    imgs = [torch.rand(3, image_size, image_size, generator=gen) * 255 for _ in range(images)]
+    targets = []
+    for _ in range(images):
+        corner = torch.rand(6, 2, generator=gen) * image_size * 0.75
+        boxes = torch.cat([corner, (corner + torch.rand(6, 2, generator=gen) * image_size * 0.45 + 16)], 1)
+        boxes = boxes.clamp(max=image_size)
+        masks = torch.zeros(6, image_size, image_size, dtype=torch.uint8)
+        for j, (x1, y1, x2, y2) in enumerate(boxes.int().tolist()):
+            masks[j, y1:y2, x1:x2] = 1
+        targets.append(Targets(boxes=boxes, labels=torch.randint(0, 80, (6,), generator=gen), masks=masks))
+
+    def step() -> None:
+        model.zero_grad(set_to_none=True)
+        sum(model(imgs, targets).values()).backward()
+
+    original = poolers.roi_align
+    impls = (("torchvision", torchvision.ops.roi_align), ("detkit", roi_align))
+    times: dict[str, list[tuple[float, float]]] = {"torchvision": [], "detkit": []}
+    try:
+        for label, fn in impls:  # warm-up
+            poolers.roi_align = fn
+            step()
+        for _ in range(repeats):  # alternate, so both see the same machine load
+            for label, fn in impls:
+                poolers.roi_align = fn
+                start, start_cpu = time.perf_counter(), time.process_time()
+                step()
+                times[label].append(((time.perf_counter() - start) * 1e3, (time.process_time() - start_cpu) * 1e3))
+    finally:
+        poolers.roi_align = original
+    (tv_w, tv_c), (dk_w, dk_c) = (
+        tuple(statistics.median(t[i] for t in times[k]) for i in range(2)) for k in ("torchvision", "detkit")
+    )
+    print(
+        f"{'train step Mask R-CNN R18-FPN ' + str(images) + 'x' + str(image_size) + 'px':<44} "
+        f"wall: {tv_w:7.0f} -> {dk_w:6.0f} ms (x{tv_w / dk_w:4.2f})  |  cpu: {tv_c:7.0f} -> {dk_c:6.0f} ms "
+        f"(x{tv_c / dk_c:4.2f})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="only the 256-channel box and mask cases")
+    parser.add_argument("--train-step", action="store_true", help="also time a Mask R-CNN R18-FPN training step")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -160,6 +225,8 @@ def main() -> None:
     p3 = torch.randn(2, 256, size // 8, size // 8)
     for sr, aligned in ((0, True), (2, False)):
         run_case(f"mask C=256 p3 sr={sr} aligned={aligned}", [p3], [1 / 8], p3_rois_mask, 14, sr, aligned, args.repeats)
+    if args.train_step:
+        train_step_case(args.repeats)
     if args.quick:
         return
     # Multi-level: proposals of all sizes, pooled from p2..p5 by the level rule.

@@ -146,6 +146,13 @@ def test_empty_rois() -> None:
     assert x.grad is not None and x.grad.shape == x.shape and x.grad.abs().sum() == 0
     out_list = roi_align(x, [torch.zeros(0, 4), torch.zeros(0, 4)], (7, 5))
     assert out_list.shape == (0, 3, 7, 5)
+    # empty feature maps (torchvision's CPU kernel reads out of bounds here): zeros, no crash
+    for shape in ((1, 0, 5, 5), (1, 3, 0, 5), (1, 3, 5, 0)):
+        xe = torch.randn(shape, requires_grad=True)
+        out = roi_align(xe, torch.tensor([[0.0, 1, 1, 3, 3]]), 2, 1.0, 0, True)
+        assert out.shape == (1, shape[1], 2, 2) and out.abs().sum() == 0
+        out.sum().backward()
+        assert xe.grad is not None and xe.grad.shape == shape
 
 
 def test_deterministic() -> None:

@@ -342,12 +342,14 @@ class _RoIAlignCPU(torch.autograd.Function):
     ) -> Tensor:
         num, channels, height, width = input.shape
         cdtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-        plan = _build_plan(
-            rois.detach().to(cdtype), height, width, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
-        )
         k = rois.shape[0]
         bins = pooled_h * pooled_w
-        ready = bool(plan.chunks) and channels > 0 and height > 0 and width > 0
+        plan = _Plan()
+        if channels > 0 and height > 0 and width > 0:
+            plan = _build_plan(
+                rois.detach().to(cdtype), height, width, pooled_h, pooled_w, spatial_scale, sampling_ratio, aligned
+            )
+        ready = bool(plan.chunks)
         # Every RoI is in exactly one chunk, so the output is fully written when ``ready``.
         alloc = torch.empty if ready else torch.zeros
         out = alloc(k, channels, pooled_h, pooled_w, dtype=cdtype, device=input.device)
@@ -371,7 +373,7 @@ class _RoIAlignCPU(torch.autograd.Function):
         plan: _Plan = ctx.plan
         cdtype = torch.float64 if dtype == torch.float64 else torch.float32
         bins = grad_out.shape[2] * grad_out.shape[3]
-        if not plan.chunks or channels == 0 or height == 0 or width == 0:
+        if not plan.chunks:
             return grad_out.new_zeros((num, channels, height, width), dtype=dtype), None, None, None, None, None, None
         device = grad_out.device
         grad_rows = torch.zeros(num * height * width, channels, dtype=cdtype, device=device)
@@ -449,7 +451,7 @@ def roi_align(
     if out_h <= 0 or out_w <= 0:
         raise ValueError(f"roi_align: output_size=({out_h}, {out_w}) must be positive.")
     if rois.shape[0] > 0:
-        batch = rois[:, 0]
+        batch = rois[:, 0].to(torch.int64)  # truncated, as torchvision's kernel does
         if bool(((batch < 0) | (batch >= input.shape[0])).any()):
             raise ValueError(
                 f"roi_align: batch index in boxes[:, 0] out of range [0, {input.shape[0]}) "
