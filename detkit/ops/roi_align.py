@@ -18,12 +18,16 @@ rows ``[C]`` of a channels-last view of the input:
    ``L_y * L_x`` (pixel, weight) pairs; ``F.embedding_bag(mode="sum", per_sample_weights)``
    over the ``[N*H*W, C]`` view does the weighted gather-sum, vectorised over channels and
    multi-threaded over bags.
-3. *Backward*: the transpose of that sparse map, ``grad_features = M^T @ grad_bins``, as a
-   ``torch.sparse.mm`` of an uncoalesced COO matrix with a dense ``[K*S*S, C]`` matrix: one
-   vectorised axpy of ``C`` channels per entry, no sort, deterministic.
+3. *Backward*: the transpose of that sparse map, ``grad_features = M^T @ grad_bins``, as
+   ``dense.addmm_(sparse_coo, grad_bins)`` with an uncoalesced COO matrix: one vectorised axpy
+   of ``C`` channels per entry, no sort (sorting the entries to build CSR costs more than the
+   product), deterministic.
 
-On CUDA (and any other non-CPU device) the call goes straight to torchvision, whose GPU kernel
-is already fast. Inputs are computed in fp32 (fp64 for fp64 inputs) and returned in their dtype.
+The plan is built in chunks of at most ``_MAX_ENTRIES`` entries, and both passes walk the RoIs
+in blocks of about ``_BLOCK_ELEMS`` output values, so temporaries stay bounded and cache-sized.
+On CUDA (and any other non-CPU device) and while tracing, exporting or compiling, the call goes
+to torchvision's registered operator. Inputs are computed in fp32 (fp64 for fp64 inputs) and
+returned in their dtype.
 """
 
 from __future__ import annotations
