@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from detkit.config import ConfigError, DetectionConfig, load_config
+from detkit.config import ConfigError, DetectionConfig, load_config, save_config
 from detkit.engine import (
     BestCheckpointer,
     EvalHook,
@@ -80,6 +80,17 @@ def build_data(cfg: DetectionConfig) -> DetectionData:
     logger.info("%d classes; %d training images%s", num_classes, len(train),
                 f", {len(val)} validation images" if val is not None else "")
     return DetectionData(train, val, num_classes)
+
+
+def record_classes(cfg: DetectionConfig, data: DetectionData, out: Path) -> DetectionConfig:
+    """Store the data's class count and names in the config and rewrite ``config.yaml``, so the
+    saved config alone rebuilds the model (``detkit.Predictor(out / "config.yaml")``)."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.model.num_classes = data.num_classes
+    cfg.data.class_names = list(data.train.class_names)
+    if is_main_process():
+        save_config(cfg, out / "config.yaml")
+    return cfg
 
 
 def build_optimizer(cfg: DetectionConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -149,6 +160,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     seed_everything(cfg.train.seed)
     cfg = resolve_data_paths(cfg)
     data = build_data(cfg)
+    cfg = record_classes(cfg, data, out)
 
     model = build_model(cfg, data.num_classes, device)
     ema = ModelEMA(unwrap_model(model), cfg.train.ema_decay) if cfg.train.ema else None
