@@ -120,9 +120,9 @@ def test_exports_match_pytorch_on_other_sizes_and_zero_detections(exported: dict
     counts = [c.num_ref for c in report.checks[::2]]  # PyTorch eager
     assert counts[0] > 0 and counts[1] > 0 and counts[2] == 0, counts  # the test images do what they should
     assert [c.num_out for c in report.checks] == [n for n in counts for _ in range(2)]
-    # TorchScript runs the same kernels: bit-identical; onnxruntime: within float rounding
     ts, ort = report.worst("torchscript"), report.worst("onnxruntime")
-    assert ts["max_box_diff"] == 0.0 and ts["max_score_diff"] == 0.0
+    # eager PyTorch uses detkit.ops.roi_align on CPU, the traced graph torchvision's op: equal to ~1e-6
+    assert ts["max_box_diff"] <= 1e-3 and ts["max_score_diff"] <= 1e-5
     assert ort["max_box_diff"] < 1e-3 and ort["max_score_diff"] < 1e-5, ort
     if exported["arch"] == "mask_rcnn":
         assert ort["min_mask_iou"] >= 0.99 and ts["min_mask_iou"] == 1.0

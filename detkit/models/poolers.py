@@ -17,7 +17,7 @@ from typing import Sequence, Union
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import roi_align
+from ..ops import roi_align
 
 __all__ = ["MultiScaleRoIAlign", "assign_boxes_to_levels", "convert_boxes_to_rois"]
 
