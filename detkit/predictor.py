@@ -25,6 +25,7 @@ import torch
 from .config import DetectionConfig, load_config
 from .models.build import build_detector
 from .models.detector import rescale_detections
+from .speed import limit_heap_growth, optimize_for_inference, resolve_precision
 
 __all__ = ["Predictor", "Prediction"]
 
@@ -104,11 +105,16 @@ class Predictor:
         weights: any :func:`detkit.load_weights` source (path, state dict); default
             ``model.weights`` of the config.
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        precision: ``"fp32"``, or ``"bf16"`` (autocast to bfloat16 where the device supports it,
-            float32 otherwise with a warning).
+        precision: ``"fp32"`` or ``"bf16"``; default ``test.precision`` of the config. bf16 stores
+            weights and activations in bfloat16 with fp32 islands (RoIAlign coordinates, box
+            decoding, NMS, predictors) where :func:`detkit.speed.bf16_supported` says the device
+            runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); float32 otherwise, with a warning.
         fold_bn: fold frozen / eval-mode BatchNorms into the preceding convolutions after loading
-            (same results up to float rounding, ~7% less CPU time for R50-FPN); the model is then
-            for inference only and its state dict no longer matches a training checkpoint.
+            (same results up to float rounding); the state dict then no longer matches a training
+            checkpoint.
+        optimize: run :func:`detkit.speed.optimize_for_inference` (fused, prepacked oneDNN convs,
+            channels_last, fast CPU RoIAlign; fp32 results equal up to float rounding). False keeps
+            the plain modules (bf16 then uses autocast).
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
@@ -120,10 +126,11 @@ class Predictor:
         config: Union[str, os.PathLike, DetectionConfig],
         weights: Union[None, str, os.PathLike, Mapping[str, Any]] = None,
         device: Union[str, torch.device] = "cpu",
-        precision: str = "fp32",
+        precision: Optional[str] = None,
         fold_bn: bool = True,
+        optimize: bool = True,
     ) -> None:
-        if precision not in PRECISIONS:
+        if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"Predictor: precision must be one of {PRECISIONS}, got {precision!r}")
         if isinstance(config, DetectionConfig):
             cfg = config.model_copy(deep=True)
@@ -167,23 +174,17 @@ class Predictor:
         elif cfg.model.backbone.weights is None:
             logger.warning("Predictor: no weights given (weights=None and model.weights unset): random model")
         model.eval()
-        if fold_bn:
+        self.model = model.to(self.device)
+        self.precision = resolve_precision(precision or cfg.test.precision, self.device)
+        if optimize:
+            optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
+            if self.device.type == "cpu":
+                limit_heap_growth()  # stable RSS across image sizes
+        elif fold_bn:
             from .layers import fold_frozen_bn
 
-            fold_frozen_bn(model)
-        self.model = model.to(self.device)
-
-        self.precision = precision
-        self._autocast = False
-        if precision == "bf16":
-            supported = self.device.type == "cpu" or (
-                self.device.type == "cuda" and torch.cuda.is_bf16_supported()
-            )
-            if supported:
-                self._autocast = True
-            else:
-                logger.warning("Predictor: bf16 is not supported on %s; running in fp32", self.device)
-                self.precision = "fp32"
+            fold_frozen_bn(self.model)
+        self._autocast = self.precision == "bf16" and not optimize
 
     def _context(self) -> contextlib.AbstractContextManager:
         if self._autocast:

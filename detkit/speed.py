@@ -1,0 +1,643 @@
+"""Inference speed: BN folding, oneDNN-prepacked fused convolutions, channels_last, bf16 with fp32 islands.
+
+:func:`optimize_for_inference` turns an eval-mode detkit model, in place, into an inference-only
+model computing the same function faster:
+
+* frozen / eval-mode BatchNorms are folded into the convolutions (:func:`detkit.layers.fold_frozen_bn`);
+* on CPU with oneDNN, convolutions and linear layers become :class:`PackedConv2d` / :class:`PackedLinear`:
+  weights pre-reordered once into oneDNN's blocked layout, bias, ReLU and (in residual blocks) the
+  shortcut addition fused into the kernel (``torch.ops.mkldnn._convolution_pointwise``), activations
+  channels_last. RoIAlign becomes a multi-threaded gather-sum over channels-last features
+  (:func:`roi_align_nhwc`). In fp32 the results equal the plain model's up to float rounding;
+* ``precision="bf16"`` stores weights and activations in bfloat16 (oneDNN accumulates in fp32), with
+  fp32 islands: box coordinates, anchors, box decoding, NMS and score thresholds (the models already
+  run these in fp32), RoIAlign sample positions, and the final class / box predictors. No autocast;
+* elsewhere (CUDA, CPU builds without oneDNN) the same modules run ``F.conv2d`` / ``F.linear`` on
+  channels_last weights in the chosen dtype, with torchvision's RoIAlign as an fp32 island.
+
+Call it after ``model.to(device)`` (prepacked weights do not move). ``state_dict()`` keeps the keys
+and values of the BN-folded model.
+
+Example::
+
+    model = optimize_for_inference(build_detector(cfg, 80).eval(), precision="bf16")
+    detections = model.predict([image_uint8_chw])
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import logging
+import os
+import sys
+from typing import Any, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
+from .models.backbones.resnet import BasicBlock, Bottleneck, Stem
+from .models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
+from .models.roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
+from .models.rpn import RPNHead
+
+__all__ = [
+    "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_fusion_available", "optimize_for_inference",
+    "PackedConv2d", "PackedLinear", "FusedStem", "FusedBottleneck", "FusedBasicBlock", "FusedFCHead",
+    "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign", "limit_heap_growth",
+]
+
+logger = logging.getLogger("detkit")
+
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_CONV_HINT_HW = 64  # spatial size assumed when pre-reordering conv weights (any size works afterwards)
+_LINEAR_HINT_ROWS = 512  # rows assumed when pre-reordering linear weights (RoIs per batch)
+_ROI_CHUNK = 256  # RoIs per embedding_bag call: bounds the temporary index/weight tables
+
+
+# --------------------------------------------------------------------------- capabilities
+@functools.lru_cache(maxsize=1)
+def _cpuinfo_flags() -> frozenset[str]:
+    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip().lower() in ("flags", "features"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def mkldnn_fusion_available() -> bool:
+    """True when this PyTorch build has oneDNN with its prepacked, fused conv / linear operators."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    names = ("_convolution_pointwise", "_reorder_convolution_weight", "_linear_pointwise", "_reorder_linear_weight")
+    try:
+        return all(hasattr(torch.ops.mkldnn, n) for n in names)
+    except RuntimeError:
+        return False
+
+
+def bf16_supported(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether bfloat16 inference runs natively (fast) on ``device``.
+
+    CPU: oneDNN is available and the CPU has bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on
+    Arm); without them bf16 would be emulated, slower than fp32. CUDA: a GPU with native bf16
+    (Ampere or newer). Other devices: False. ``DETKIT_DISABLE_BF16=1`` in the environment forces False.
+    """
+    device = torch.device(device)
+    if os.environ.get("DETKIT_DISABLE_BF16", "") == "1":
+        return False
+    if device.type == "cpu":
+        if not torch.backends.mkldnn.is_available():
+            return False
+        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+        if any(callable(p) and bool(p()) for p in probes):
+            return True
+        return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpuinfo_flags())
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return False
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # older signature
+            return bool(torch.cuda.is_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") -> str:
+    """Validate ``precision``; ``"bf16"`` becomes ``"fp32"`` (with a warning) where it is not supported."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (config key test.precision)")
+    if precision == "bf16" and not bf16_supported(device):
+        logger.warning(
+            "bf16 inference is not supported on %s (needs AVX512-BF16/AMX on CPU, or an Ampere+ GPU); "
+            "running in fp32", torch.device(device)
+        )
+        return "fp32"
+    return precision
+
+
+# --------------------------------------------------------------------------- fused layers
+def _check_device(module: nn.Module, x: Tensor) -> None:
+    if x.device != module.device:
+        raise RuntimeError(
+            f"{type(module).__name__} was optimized for {module.device} but got an input on {x.device}; "
+            "move the model first, then call detkit.speed.optimize_for_inference"
+        )
+
+
+class PackedConv2d(nn.Module):
+    """Inference-only ``Conv2d`` (+ bias, + optional ReLU) with its weight prepared once.
+
+    With ``use_mkldnn`` (CPU) the weight is pre-reordered for oneDNN and bias / ReLU / residual
+    addition run inside the convolution; otherwise a channels_last ``F.conv2d``. Inputs are cast to
+    ``dtype`` and made channels_last; outputs are channels_last ``dtype``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32,
+                 use_mkldnn: bool = True) -> None:
+        super().__init__()
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            raise ValueError(f"PackedConv2d: needs explicit zero padding, got padding={conv.padding!r} "
+                             f"padding_mode={conv.padding_mode!r}")
+        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
+        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
+        self.relu, self.dtype, self.device = bool(relu), dtype, conv.weight.device
+        self.use_mkldnn = bool(use_mkldnn) and self.device.type == "cpu"
+        weight = conv.weight.detach().to(dtype)
+        self._bias: Optional[Tensor] = None if conv.bias is None else conv.bias.detach().to(dtype)
+        if self.use_mkldnn:
+            hint = [1, self.in_channels, _CONV_HINT_HW, _CONV_HINT_HW]
+            self._weight = torch.ops.mkldnn._reorder_convolution_weight(
+                weight, self.padding, self.stride, self.dilation, self.groups, hint)
+        else:
+            self._weight = weight.contiguous(memory_format=torch.channels_last)
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        _check_device(self, x)
+        return x.to(dtype=self.dtype, memory_format=torch.channels_last)
+
+    def _conv(self, x: Tensor, relu: bool) -> Tensor:
+        if self.use_mkldnn:
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self._weight, self._bias, self.padding, self.stride, self.dilation, self.groups,
+                "relu" if relu else "none", [], "")
+        y = F.conv2d(x, self._weight, self._bias, self.stride, self.padding, self.dilation, self.groups)
+        return F.relu(y, inplace=True) if relu else y
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[N, C_in, H, W] -> [N, C_out, H', W'] (channels_last, ``dtype``)."""
+        return self._conv(self._prepare(x), self.relu)
+
+    def forward_add_relu(self, x: Tensor, other: Tensor) -> Tensor:
+        """``relu(conv(x) + other)``: the end of a residual block (``self.relu`` is not used)."""
+        x = self._prepare(x)
+        other = other.to(dtype=self.dtype, memory_format=torch.channels_last)
+        # oneDNN's fused add + ReLU; ATen has no bf16 fallback for grouped convs, so add separately there
+        if self.use_mkldnn and (self.groups == 1 or self.dtype == torch.float32):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, self._weight, self._bias, self.padding, self.stride, self.dilation, self.groups,
+                "add", 1.0, "relu", [], "")
+        return self._conv(x, relu=False).add_(other).relu_()
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a plain ``[C_out, C_in / groups, kh, kw]`` tensor (``dtype``)."""
+        return self._weight.to_dense() if self._weight.is_mkldnn else self._weight.contiguous()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dense_weight()
+        if self._bias is not None:
+            destination[prefix + "bias"] = self._bias
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, "
+                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}, mkldnn={self.use_mkldnn}")
+
+
+class PackedLinear(nn.Module):
+    """Inference-only ``Linear`` (+ optional ReLU); oneDNN-prepacked weight on CPU.
+
+    oneDNN's fp32 GEMM is several times faster than the default CPU ``F.linear`` (MKL) on some CPUs
+    (AMD). ``nhwc_channels=C`` takes inputs flattened from ``(S, S, C)`` instead of ``(C, S, S)``
+    (channels-last RoI features: the flatten is then a view); the weight columns are permuted once.
+    """
+
+    def __init__(self, linear: nn.Linear, relu: bool = False, dtype: torch.dtype = torch.float32,
+                 use_mkldnn: bool = True, nhwc_channels: int = 0) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.relu, self.dtype, self.device = bool(relu), dtype, linear.weight.device
+        self.use_mkldnn = bool(use_mkldnn) and self.device.type == "cpu"
+        self.nhwc_channels = int(nhwc_channels)
+        weight = linear.weight.detach().to(dtype)
+        if self.nhwc_channels:
+            # (O, C*S*S) -> (O, C, S*S) -> (O, S*S, C) -> (O, S*S*C)
+            weight = weight.view(self.out_features, self.nhwc_channels, -1).transpose(1, 2).reshape(
+                self.out_features, -1)
+        weight = weight.contiguous()
+        self._bias: Optional[Tensor] = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self._weight = torch.ops.mkldnn._reorder_linear_weight(weight, _LINEAR_HINT_ROWS) if self.use_mkldnn \
+            else weight
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[..., in_features] -> [..., out_features] (``dtype``)."""
+        _check_device(self, x)
+        lead = x.shape[:-1]
+        x = x.reshape(-1, self.in_features).to(self.dtype)
+        if x.shape[0] == 0:
+            return x.new_zeros((*lead, self.out_features))
+        if self.use_mkldnn:
+            y = torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, "relu" if self.relu else "none", [], "")
+        else:
+            y = F.linear(x, self._weight, self._bias)
+            y = F.relu(y, inplace=True) if self.relu else y
+        return y.reshape(*lead, self.out_features)
+
+    def dense_weight(self) -> Tensor:
+        """The weight as a plain ``[out_features, in_features]`` tensor in the original column order."""
+        w = self._weight.to_dense() if self._weight.is_mkldnn else self._weight
+        if self.nhwc_channels:  # (O, S*S*C) -> (O, S*S, C) -> (O, C, S*S) -> (O, C*S*S)
+            w = w.view(self.out_features, -1, self.nhwc_channels).transpose(1, 2).reshape(self.out_features, -1)
+        return w
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        destination[prefix + "weight"] = self.dense_weight()
+        if self._bias is not None:
+            destination[prefix + "bias"] = self._bias
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}, "
+                f"dtype={self.dtype}, mkldnn={self.use_mkldnn}, nhwc_channels={self.nhwc_channels}")
+
+
+class FusedStem(nn.Module):
+    """ResNet stem with a folded BN: fused conv1 + ReLU, then the 3x3/2 max pool."""
+
+    def __init__(self, stem: Stem, dtype: torch.dtype, use_mkldnn: bool) -> None:
+        super().__init__()
+        self.out_channels = stem.out_channels
+        self.conv1 = PackedConv2d(stem.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.maxpool = stem.maxpool
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.maxpool(self.conv1(x))
+
+
+class FusedBottleneck(nn.Module):
+    """:class:`Bottleneck` with folded BNs: conv1+ReLU, conv2+ReLU, then relu(conv3 + shortcut) fused."""
+
+    def __init__(self, block: Bottleneck, dtype: torch.dtype, use_mkldnn: bool) -> None:
+        super().__init__()
+        self.conv1 = PackedConv2d(block.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv2 = PackedConv2d(block.conv2, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv3 = PackedConv2d(block.conv3, relu=False, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.shortcut: Optional[nn.Module] = block.shortcut  # folded ConvNormAct, converted by the caller
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.conv3.forward_add_relu(self.conv2(self.conv1(x)), identity)
+
+
+class FusedBasicBlock(nn.Module):
+    """:class:`BasicBlock` with folded BNs: conv1+ReLU, then relu(conv2 + shortcut) fused."""
+
+    def __init__(self, block: BasicBlock, dtype: torch.dtype, use_mkldnn: bool) -> None:
+        super().__init__()
+        self.conv1 = PackedConv2d(block.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv2 = PackedConv2d(block.conv2, relu=False, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.shortcut: Optional[nn.Module] = block.shortcut
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.shortcut is None else self.shortcut(x)
+        return self.conv2.forward_add_relu(self.conv1(x), identity)
+
+
+class FusedFCHead(nn.Module):
+    """:class:`FastRCNNConvFCHead` reading channels-last RoI features without a copy.
+
+    ``relu(fc(x))`` layers are fused :class:`PackedLinear`; the first one takes the features
+    flattened in ``(S, S, C)`` order (a view of channels-last ``[R, C, S, S]``).
+    """
+
+    def __init__(self, head: FastRCNNConvFCHead, resolution: int, converter: "_Converter") -> None:
+        super().__init__()
+        converter.children(head.convs)
+        self.convs = head.convs
+        self.output_dim = head.output_dim
+        channels = head.fcs[0].in_features // (resolution * resolution)
+        self.fcs = nn.ModuleList(
+            converter.linear(fc, relu=True, nhwc_channels=channels if i == 0 else 0) for i, fc in enumerate(head.fcs)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """[R, C, S, S] pooled features -> [R, output_dim]."""
+        for conv in self.convs:
+            x = conv(x)
+        x = x.permute(0, 2, 3, 1).flatten(1)  # (R, C, S, S) -> (R, S*S*C): a view when channels_last
+        for fc in self.fcs:
+            x = fc(x)
+        return x
+
+
+def _cast_tree(obj: Any, dtype: torch.dtype, contiguous: bool) -> Any:
+    if isinstance(obj, Tensor) and obj.is_floating_point():
+        return obj.to(dtype=dtype, memory_format=torch.contiguous_format if contiguous else torch.preserve_format)
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cast_tree(o, dtype, contiguous) for o in obj)
+    return obj
+
+
+class Cast(nn.Module):
+    """Runs ``module`` in ``dtype``: floating tensor inputs (also in lists) are cast first.
+
+    Used for fp32 islands in a bf16 model (torchvision RoIAlign, unfolded norms) and for layers that
+    are converted but not fused (``ConvTranspose2d``). ``contiguous=True`` also turns channels_last
+    inputs into NCHW in the same copy. The state dict is keyed as if ``module`` were not wrapped.
+    """
+
+    def __init__(self, module: nn.Module, dtype: torch.dtype, contiguous: bool = False) -> None:
+        super().__init__()
+        self.module = module.to(dtype)
+        self.dtype, self.contiguous = dtype, bool(contiguous)
+
+    def forward(self, *args: Any) -> Any:
+        return self.module(*_cast_tree(args, self.dtype, self.contiguous))
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The wrapped module's state dict, keyed as if it were not wrapped."""
+        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+
+# --------------------------------------------------------------------------- RoIAlign
+def _axis_taps(start: Tensor, bin_size: Tensor, pooled: int, grid: int, length: int) -> tuple[Tensor, Tensor]:
+    """Bilinear taps of RoIAlign sample points along one axis, computed as torchvision does.
+
+    Args:
+        start, bin_size: [R] RoI start and bin size in feature pixels (fp32).
+        pooled: bins along the axis; grid: samples per bin; length: feature size along the axis.
+
+    Returns:
+        int64 indices and weights, both [R, pooled, grid, 2] (low and high pixel); samples outside
+        ``[-1, length]`` get zero weights.
+    """
+    bins = torch.arange(pooled, dtype=start.dtype, device=start.device)
+    sub = torch.arange(grid, dtype=start.dtype, device=start.device) + 0.5
+    # (R, P, 1) + (R, P, G): start + p * bin + (g + 0.5) * bin / grid, in torchvision's order
+    pos = (start[:, None] + bins[None, :] * bin_size[:, None])[:, :, None] + (
+        sub[None, None, :] * bin_size[:, None, None]) / grid
+    valid = ((pos >= -1.0) & (pos <= length)).to(pos.dtype)
+    pos = pos.clamp(min=0)
+    low = pos.floor().to(torch.int64).clamp(max=length - 1)
+    at_end = low >= length - 1
+    pos = torch.where(at_end, low.to(pos.dtype), pos)
+    frac = pos - low.to(pos.dtype)
+    high = torch.where(at_end, low, low + 1)
+    return torch.stack([low, high], dim=-1), torch.stack([(1.0 - frac) * valid, frac * valid], dim=-1)
+
+
+def _roi_align_into(out: Tensor, rows: Tensor, features: Tensor, rois: Tensor, spatial_scale: float,
+                    sampling_ratio: int, aligned: bool) -> None:
+    """Pool ``rois`` [K, 5] from ``features`` into ``out[rows]`` (``out``: [M, S, S, C])."""
+    n, c, h, w = features.shape
+    s = out.shape[1]
+    table = features.permute(0, 2, 3, 1).reshape(n * h * w, c).to(out.dtype)  # a view for channels_last
+    offset = 0.5 if aligned else 0.0
+    x1, y1 = rois[:, 1] * spatial_scale - offset, rois[:, 2] * spatial_scale - offset
+    roi_w, roi_h = rois[:, 3] * spatial_scale - offset - x1, rois[:, 4] * spatial_scale - offset - y1
+    if not aligned:
+        roi_w, roi_h = roi_w.clamp(min=1.0), roi_h.clamp(min=1.0)
+    bin_w, bin_h = roi_w / s, roi_h / s
+    if sampling_ratio > 0:
+        grids = torch.full((rois.shape[0], 2), sampling_ratio, dtype=torch.int64, device=rois.device)
+    else:  # adaptive: ceil(roi_size / S) samples per bin side, one gather per distinct grid
+        grids = torch.stack([torch.ceil(roi_h / s), torch.ceil(roi_w / s)], dim=1).to(torch.int64)
+    for gh, gw in torch.unique(grids, dim=0).tolist():
+        group = torch.nonzero((grids[:, 0] == gh) & (grids[:, 1] == gw)).squeeze(1)
+        if gh <= 0 or gw <= 0:  # empty sampling grid: zeros, as torchvision
+            out[rows[group]] = 0
+            continue
+        for sel in group.split(_ROI_CHUNK):
+            yi, yw = _axis_taps(y1[sel], bin_h[sel], s, gh, h)  # (K, S, gh, 2)
+            xi, xw = _axis_taps(x1[sel], bin_w[sel], s, gw, w)  # (K, S, gw, 2)
+            base = rois[sel, 0].to(torch.int64) * (h * w)
+            # (K, S, 1, gh*2, 1) + (K, 1, S, 1, gw*2) -> (K, S, S, gh*2, gw*2): one bag of pixels per bin
+            idx = (base[:, None, None] + yi.flatten(2) * w)[:, :, None, :, None] + xi.flatten(2)[:, None, :, None, :]
+            wts = yw.flatten(2)[:, :, None, :, None] * xw.flatten(2)[:, None, :, None, :] / float(gh * gw)
+            offsets = torch.arange(0, idx.numel(), 4 * gh * gw, dtype=torch.int64, device=idx.device)
+            pooled = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum",
+                                     per_sample_weights=wts.reshape(-1).to(table.dtype))
+            out.index_copy_(0, rows[sel], pooled.view(-1, s, s, c))  # (K*S*S, C) -> (K, S, S, C)
+
+
+def roi_align_nhwc(features: Tensor, rois: Tensor, output_size: int, spatial_scale: float, sampling_ratio: int,
+                   aligned: bool) -> Tensor:
+    """RoIAlign (forward only) as a gather-sum of channels-last feature rows.
+
+    Same sample points and bilinear rule as :func:`torchvision.ops.roi_align`, but each output bin
+    is a bag of (pixel, weight) pairs reduced by ``F.embedding_bag`` over the ``[N*H*W, C]`` view of
+    the features: vectorized over channels and multi-threaded, unlike torchvision's scalar CPU loop.
+    Sample positions and weights are computed in fp32 from fp32 ``rois``; the gather runs in the
+    features' dtype (bf16 features: bf16 weights and output).
+
+    Args:
+        features: [N, C, H, W] (channels_last is read without a copy).
+        rois: [R, 5] ``(batch_index, x1, y1, x2, y2)`` in input pixels.
+        output_size: side S of the pooled square.
+        spatial_scale: 1 / stride of ``features``.
+        sampling_ratio: samples per bin side; <= 0 is adaptive (``ceil(roi_size / S)``).
+        aligned: shift by -0.5 px (Detectron2's ROIAlignV2).
+
+    Returns:
+        [R, S, S, C] in the features' dtype (``.permute(0, 3, 1, 2)`` gives torchvision's layout).
+    """
+    out = features.new_empty((rois.shape[0], output_size, output_size, features.shape[1]))
+    rows = torch.arange(rois.shape[0], device=features.device)
+    _roi_align_into(out, rows, features, rois.float(), spatial_scale, sampling_ratio, aligned)
+    return out
+
+
+class FastMultiScaleRoIAlign(nn.Module):
+    """:class:`MultiScaleRoIAlign` for CPU inference with :func:`roi_align_nhwc`.
+
+    Same level assignment and results (up to float rounding) as the wrapped pooler; the output is
+    ``[R, C, S, S]`` channels_last in the features' dtype. Other devices, non-square outputs and
+    ``torch.jit`` tracing use the wrapped pooler.
+    """
+
+    def __init__(self, pooler: MultiScaleRoIAlign) -> None:
+        super().__init__()
+        self.pooler = pooler
+
+    def forward(self, features: list[Tensor], boxes: list[Tensor]) -> Tensor:
+        p, ref = self.pooler, features[0]
+        size = p.output_size[0]
+        if ref.device.type != "cpu" or torch.jit.is_tracing() or p.output_size[1] != size \
+                or len(features) != len(p.scales) or len(boxes) != ref.shape[0]:
+            return p(features, boxes)  # (it also reports the errors)
+        rois = convert_boxes_to_rois(boxes).to(device=ref.device, dtype=torch.float32)
+        out = ref.new_empty((rois.shape[0], size, size, ref.shape[1]))
+        if len(features) == 1:
+            levels = torch.zeros(rois.shape[0], dtype=torch.int64, device=ref.device)
+        else:
+            levels = assign_boxes_to_levels(rois[:, 1:], p.min_level, p.max_level, p.canonical_box_size,
+                                            p.canonical_level)
+        for level, (feature, scale) in enumerate(zip(features, p.scales)):
+            rows = torch.nonzero(levels == level).squeeze(1)
+            if rows.numel() > 0:
+                _roi_align_into(out, rows, feature, rois[rows], scale, p.sampling_ratio, p.aligned)
+        return out.permute(0, 3, 1, 2)  # (R, S, S, C) -> (R, C, S, S), channels_last memory
+
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
+        """The wrapped pooler's state dict (empty), keyed as if it were not wrapped."""
+        return self.pooler.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
+
+
+# --------------------------------------------------------------------------- conversion
+_FUSED = (PackedConv2d, PackedLinear, FusedStem, FusedBottleneck, FusedBasicBlock, FusedFCHead, Cast,
+          FastMultiScaleRoIAlign)
+_NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)
+
+
+def _folded(*norms: Optional[nn.Module]) -> bool:
+    return all(n is None or isinstance(n, nn.Identity) for n in norms)
+
+
+class _Converter:
+    """Replaces detkit modules by their fused inference versions (see :func:`optimize_for_inference`)."""
+
+    def __init__(self, dtype: torch.dtype, use_mkldnn: bool, fast_roi_align: bool) -> None:
+        self.dtype, self.use_mkldnn, self.fast_roi_align = dtype, use_mkldnn, fast_roi_align
+        self.low_precision = dtype != torch.float32
+
+    def conv(self, conv: nn.Conv2d, relu: bool = False) -> nn.Module:
+        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
+            return Cast(conv, self.dtype)
+        return PackedConv2d(conv, relu=relu, dtype=self.dtype, use_mkldnn=self.use_mkldnn)
+
+    def linear(self, linear: nn.Linear, relu: bool = False, dtype: Optional[torch.dtype] = None,
+               nhwc_channels: int = 0) -> PackedLinear:
+        return PackedLinear(linear, relu=relu, dtype=dtype or self.dtype, use_mkldnn=self.use_mkldnn,
+                            nhwc_channels=nhwc_channels)
+
+    def fp32_island(self, m: nn.Module, contiguous: bool = False) -> nn.Module:
+        return Cast(m, torch.float32, contiguous) if self.low_precision else m
+
+    def module(self, m: nn.Module) -> nn.Module:
+        """The replacement of ``m`` (``m`` itself, possibly with converted children)."""
+        fused: nn.Module
+        if isinstance(m, _FUSED):
+            return m
+        if isinstance(m, Stem) and _folded(m.bn1):
+            return FusedStem(m, self.dtype, self.use_mkldnn)
+        if isinstance(m, (Bottleneck, BasicBlock)) and _folded(
+            m.bn1, m.bn2, getattr(m, "bn3", None), None if m.shortcut is None else m.shortcut.norm
+        ):
+            fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, self.dtype, self.use_mkldnn)
+            self.children(fused)  # the shortcut
+            return fused
+        if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and _folded(m.norm) \
+                and isinstance(m.act, (nn.ReLU, nn.Identity)):
+            m.conv = self.conv(m.conv, relu=isinstance(m.act, nn.ReLU))  # keeps the ``*.conv.*`` keys
+            m.act = nn.Identity()
+            return m
+        if isinstance(m, RPNHead):  # its forward applies relu(conv(x)) to each tower conv
+            for i, c in enumerate(m.convs):
+                m.convs[i] = self.conv(c, relu=True)
+            m.objectness, m.anchor_deltas = self.conv(m.objectness), self.conv(m.anchor_deltas)
+            return m
+        if isinstance(m, StandardROIHeads) and isinstance(m.box_head, FastRCNNConvFCHead) and len(m.box_head.fcs):
+            m.box_head = FusedFCHead(m.box_head, m.box_pooler.output_size[0], self)
+        if isinstance(m, FastRCNNConvFCHead):  # its forward applies relu(fc(x)) to each fc
+            self.children(m.convs)
+            for i, fc in enumerate(m.fcs):
+                m.fcs[i] = self.linear(fc, relu=True)
+            return m
+        if isinstance(m, FastRCNNPredictor):  # the last layers stay fp32: class scores and box deltas
+            m.cls_score = self.linear(m.cls_score, dtype=torch.float32)
+            m.bbox_pred = self.linear(m.bbox_pred, dtype=torch.float32)
+            return m
+        if isinstance(m, MultiScaleRoIAlign):  # fast gather on CPU, else torchvision's on fp32 NCHW
+            return FastMultiScaleRoIAlign(m) if self.fast_roi_align else self.fp32_island(m, contiguous=True)
+        if isinstance(m, nn.Conv2d):
+            return self.conv(m)
+        if isinstance(m, nn.Linear):
+            return self.linear(m)
+        if isinstance(m, nn.ConvTranspose2d):
+            return Cast(m, self.dtype)
+        if isinstance(m, _NORMS):  # not folded (GroupNorm, BN in training mode): fp32
+            return self.fp32_island(m)
+        if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False)):
+            return self.fp32_island(m)  # an unknown layer with weights
+        self.children(m)
+        return m
+
+    def children(self, parent: nn.Module) -> None:
+        for name, child in list(parent.named_children()):
+            new = self.module(child)
+            if new is not child:
+                setattr(parent, name, new)
+
+
+def _glibc() -> Optional[ctypes.CDLL]:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+def _release_freed_memory() -> None:
+    """Hand freed heap pages (the replaced weights) back to the OS, so they do not stay resident."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def limit_heap_growth(mmap_threshold: int = 4 << 20) -> bool:
+    """Make glibc return large freed buffers to the OS at once (a process-wide allocator setting).
+
+    glibc's adaptive mmap threshold climbs to 32 MiB after the first large ``free``; activation
+    buffers below it then come from the heap, which fragments as image sizes vary and keeps
+    growing (R50-FPN at 800 px: a few hundred MB). A fixed threshold (``M_MMAP_THRESHOLD``) keeps
+    every buffer above ``mmap_threshold`` bytes in its own mapping. Returns False where it does not
+    apply (not Linux/glibc). :class:`detkit.Predictor` calls it for CPU inference.
+    """
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(-3, int(mmap_threshold)) == 1)  # -3: M_MMAP_THRESHOLD
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    precision: str = "fp32",
+    *,
+    fold_bn: bool = True,
+    fuse: bool = True,
+    channels_last: bool = True,
+    prepack: bool = True,
+    fast_roi_align: bool = True,
+) -> nn.Module:
+    """Make an eval-mode model faster for inference, in place; returns it.
+
+    Args:
+        model: a detkit model (e.g. :class:`~detkit.models.detector.TwoStageDetector`, a ResNet/FPN
+            backbone, a classifier) on its final device, weights loaded.
+        precision: ``"fp32"`` or ``"bf16"`` (fp32 with a warning where :func:`bf16_supported` is
+            False for the model's device).
+        fold_bn: fold frozen / eval-mode BatchNorms into the convolutions.
+        fuse: replace convs, linears and residual blocks by the fused modules of this file
+            (needed for bf16). Without it only folding and ``channels_last`` apply.
+        channels_last: with ``fuse=False``, convert conv weights to channels_last (fused modules
+            always are).
+        prepack: on CPU, use oneDNN's prepacked fused kernels (else ``F.conv2d`` / ``F.linear``).
+        fast_roi_align: on CPU with ``prepack``, pool with :class:`FastMultiScaleRoIAlign`.
+
+    The switches after ``precision`` exist to measure each speed lever; keep the defaults. The model
+    is put in eval mode without gradients; the precision used is stored as ``model.inference_precision``.
+    """
+    ref = next(iter(model.parameters()), None)
+    if ref is None:
+        ref = next(iter(model.buffers()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+    precision = resolve_precision(precision, device)
+    if precision != "fp32" and not fuse:
+        raise ValueError("optimize_for_inference: precision='bf16' needs fuse=True (weights are converted then)")
+    model.eval()
+    model.requires_grad_(False)
+    if fold_bn:
+        fold_frozen_bn(model)
+    if fuse:
+        use_mkldnn = prepack and device.type == "cpu" and mkldnn_fusion_available()
+        _Converter(_DTYPES[precision], use_mkldnn, fast_roi_align and use_mkldnn).children(model)
+    elif channels_last:
+        model.to(memory_format=torch.channels_last)
+    model.inference_precision = precision
+    _release_freed_memory()
+    return model
