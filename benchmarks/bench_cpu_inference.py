@@ -13,8 +13,8 @@ Printed: s/img (mean, median, process CPU), ratios to torchvision, parity of det
 torchvision (labels equal, box IoU >= 0.99, |score diff| <= 1e-3, as in the parity tests), agreement
 of bf16 with fp32, achieved GFLOP/s (FLOPs counted by ``FlopCounterMode`` on torchvision's model,
 per image) next to GEMM peaks measured here, and peak RSS per model measured in a fresh subprocess
-each (``ru_maxrss`` over the whole child, and the inference-only peak after resetting the kernel's
-high-water mark through ``/proc/self/clear_refs``).
+each (the kernel's RSS high-water mark ``VmHWM`` over the whole child, and the inference-only peak
+after resetting it through ``/proc/self/clear_refs`` once the model is loaded).
 
     python benchmarks/bench_cpu_inference.py [--images 4] [--threads N] [--levers] [--ap [--ap-images 128]]
 
@@ -33,7 +33,6 @@ import io
 import json
 import math
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -250,7 +249,7 @@ def rss_child(mode: str, weights: str, n_images: int, size: int) -> None:
         run = tv_runner(model)
     else:
         run = dk_runner(Predictor(CONFIG, weights=weights, precision=mode.split("-")[1]).model)
-    loaded = rss_kb("VmRSS")
+    loaded, load_peak = rss_kb("VmRSS"), rss_kb("VmHWM")
     try:  # reset the peak-RSS counter so VmHWM covers inference only
         with open("/proc/self/clear_refs", "w", encoding="utf-8") as f:
             f.write("5")
@@ -260,10 +259,11 @@ def rss_child(mode: str, weights: str, n_images: int, size: int) -> None:
     with torch.inference_mode():
         for im in [images[0]] + images:
             run(im)
+    peak = rss_kb("VmHWM")
     print(json.dumps({
         "mode": mode, "base_mb": base / 1024, "loaded_mb": loaded / 1024,
-        "inference_peak_mb": rss_kb("VmHWM") / 1024 if resettable else float("nan"),
-        "lifetime_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "inference_peak_mb": peak / 1024 if resettable else float("nan"),
+        "lifetime_peak_mb": max(peak, load_peak) / 1024,
     }))
 
 
@@ -357,14 +357,15 @@ def lever_modes(sd: dict, cfg_path: Path) -> dict[str, Callable[[torch.Tensor], 
         "dk plain (FrozenBN)": dk_runner(build()),
         "dk +fold BN": dk_runner(fold_frozen_bn(build())),
         "dk +fold +channels_last": dk_runner(fold_cl),
-        "dk +fused prepacked (tv RoIAlign)": dk_runner(optimize_for_inference(build(), "fp32", fast_roi_align=False)),
+        "dk +fold +CL +oneDNN linear": dk_runner(optimize_for_inference(build(), "fp32", fast_roi_align=False)),
+        "dk fp32 +prepacked fused convs": dk_runner(optimize_for_inference(build(), "fp32", prepack=True)),
     }
     if bf16_supported("cpu"):
         modes["dk bf16 autocast (fold+CL)"] = dk_runner(copy.deepcopy(fold_cl), autocast=True)
-        modes["dk bf16 weights, F.conv2d"] = dk_runner(optimize_for_inference(build(), "bf16", prepack=False))
-        modes["dk bf16 prepacked (tv RoIAlign)"] = dk_runner(
+        modes["dk bf16 weights (pooler RoIAlign)"] = dk_runner(
             optimize_for_inference(build(), "bf16", fast_roi_align=False)
         )
+        modes["dk bf16 +prepacked fused convs"] = dk_runner(optimize_for_inference(build(), "bf16", prepack=True))
     return modes
 
 
@@ -457,7 +458,7 @@ def main() -> None:
             torch.save(sd, path)
             rows = measure_rss(path, args)
         print("\npeak RSS, one fresh process per model (MB): after imports / after load / inference-only peak "
-              "(VmHWM reset after loading) / lifetime peak (ru_maxrss)")
+              "(VmHWM reset after loading) / lifetime peak (VmHWM, loading included)")
         for r in rows:
             print(f"  {r['mode']:12s} {r['base_mb']:7.0f} {r['loaded_mb']:7.0f} {r['inference_peak_mb']:7.0f} "
                   f"{r['lifetime_peak_mb']:7.0f}")

@@ -25,7 +25,7 @@ import torch
 from .config import DetectionConfig, load_config
 from .models.build import build_detector
 from .models.detector import rescale_detections
-from .speed import limit_heap_growth, optimize_for_inference, resolve_precision
+from .speed import optimize_for_inference, resolve_precision
 
 __all__ = ["Predictor", "Prediction"]
 
@@ -112,9 +112,10 @@ class Predictor:
         fold_bn: fold frozen / eval-mode BatchNorms into the preceding convolutions after loading
             (same results up to float rounding); the state dict then no longer matches a training
             checkpoint.
-        optimize: run :func:`detkit.speed.optimize_for_inference` (fused, prepacked oneDNN convs,
-            channels_last, fast CPU RoIAlign; fp32 results equal up to float rounding). False keeps
-            the plain modules (bf16 then uses autocast).
+        optimize: run :func:`detkit.speed.optimize_for_inference` (folded BNs, channels_last, oneDNN
+            linear layers and a multi-threaded RoIAlign on CPU, bf16 weights for ``precision="bf16"``;
+            fp32 results equal up to float rounding). False keeps the plain modules (bf16 then uses
+            autocast).
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
@@ -178,8 +179,6 @@ class Predictor:
         self.precision = resolve_precision(precision or cfg.test.precision, self.device)
         if optimize:
             optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
-            if self.device.type == "cpu":
-                limit_heap_growth()  # stable RSS across image sizes
         elif fold_bn:
             from .layers import fold_frozen_bn
 

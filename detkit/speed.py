@@ -1,22 +1,24 @@
-"""Inference speed: BN folding, oneDNN-prepacked fused convolutions, channels_last, bf16 with fp32 islands.
+"""Inference speed: BN folding, channels_last, oneDNN linear layers, fast CPU RoIAlign, bf16 with fp32 islands.
 
 :func:`optimize_for_inference` turns an eval-mode detkit model, in place, into an inference-only
 model computing the same function faster:
 
 * frozen / eval-mode BatchNorms are folded into the convolutions (:func:`detkit.layers.fold_frozen_bn`);
-* on CPU with oneDNN, convolutions and linear layers become :class:`PackedConv2d` / :class:`PackedLinear`:
-  weights pre-reordered once into oneDNN's blocked layout, bias, ReLU and (in residual blocks) the
-  shortcut addition fused into the kernel (``torch.ops.mkldnn._convolution_pointwise``), activations
-  channels_last. RoIAlign becomes a multi-threaded gather-sum over channels-last features
-  (:func:`roi_align_nhwc`). In fp32 the results equal the plain model's up to float rounding;
+* convolutions become :class:`PackedConv2d` (weight stored once, channels_last, in the compute dtype;
+  ReLU and residual additions in place; activations channels_last), residual blocks their fused
+  versions; optionally (``prepack=True``) oneDNN's prepacked kernels with bias / ReLU / shortcut
+  addition fused in (``torch.ops.mkldnn._convolution_pointwise``);
+* on CPU, linear layers become oneDNN-prepacked :class:`PackedLinear` (several times faster than
+  the MKL ``F.linear`` path on AMD CPUs) and RoIAlign a multi-threaded gather-sum over channels-last
+  features (:func:`roi_align_nhwc`). In fp32 the results equal the plain model's up to float rounding;
 * ``precision="bf16"`` stores weights and activations in bfloat16 (oneDNN accumulates in fp32), with
   fp32 islands: box coordinates, anchors, box decoding, NMS and score thresholds (the models already
   run these in fp32), RoIAlign sample positions, and the final class / box predictors. No autocast;
-* elsewhere (CUDA, CPU builds without oneDNN) the same modules run ``F.conv2d`` / ``F.linear`` on
-  channels_last weights in the chosen dtype, with torchvision's RoIAlign as an fp32 island.
+* elsewhere (CUDA, CPU builds without oneDNN) the same modules run ``F.conv2d`` / ``F.linear`` in
+  the chosen dtype, with the model's own RoIAlign as an fp32 island.
 
-Call it after ``model.to(device)`` (prepacked weights do not move). ``state_dict()`` keeps the keys
-and values of the BN-folded model.
+Call it after ``model.to(device)`` (oneDNN-packed weights do not move). ``state_dict()`` keeps the
+keys and values of the BN-folded model.
 
 Example::
 
@@ -46,7 +48,7 @@ from .models.rpn import RPNHead
 __all__ = [
     "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_fusion_available", "optimize_for_inference",
     "PackedConv2d", "PackedLinear", "FusedStem", "FusedBottleneck", "FusedBasicBlock", "FusedFCHead",
-    "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign", "limit_heap_growth",
+    "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign",
 ]
 
 logger = logging.getLogger("detkit")
@@ -373,7 +375,7 @@ def _axis_taps(start: Tensor, bin_size: Tensor, pooled: int, grid: int, length: 
         sub[None, None, :] * bin_size[:, None, None]) / grid
     valid = ((pos >= -1.0) & (pos <= length)).to(pos.dtype)
     pos = pos.clamp(min=0)
-    low = pos.floor().to(torch.int64).clamp(max=length - 1)
+    low = pos.to(torch.int64).clamp(max=length - 1)  # floor (pos >= 0); Tensor.floor is slow on small CPU tensors
     at_end = low >= length - 1
     pos = torch.where(at_end, low.to(pos.dtype), pos)
     frac = pos - low.to(pos.dtype)
@@ -396,7 +398,9 @@ def _roi_align_into(out: Tensor, rows: Tensor, features: Tensor, rois: Tensor, s
     if sampling_ratio > 0:
         grids = torch.full((rois.shape[0], 2), sampling_ratio, dtype=torch.int64, device=rois.device)
     else:  # adaptive: ceil(roi_size / S) samples per bin side, one gather per distinct grid
-        grids = torch.stack([torch.ceil(roi_h / s), torch.ceil(roi_w / s)], dim=1).to(torch.int64)
+        size = torch.stack([roi_h, roi_w], dim=1) / s
+        grids = size.to(torch.int64)
+        grids += grids < size  # ceil of positive sizes
     for gh, gw in torch.unique(grids, dim=0).tolist():
         group = torch.nonzero((grids[:, 0] == gh) & (grids[:, 1] == gw)).squeeze(1)
         if gh <= 0 or gw <= 0:  # empty sampling grid: zeros, as torchvision
@@ -408,7 +412,7 @@ def _roi_align_into(out: Tensor, rows: Tensor, features: Tensor, rois: Tensor, s
             base = rois[sel, 0].to(torch.int64) * (h * w)
             # (K, S, 1, gh*2, 1) + (K, 1, S, 1, gw*2) -> (K, S, S, gh*2, gw*2): one bag of pixels per bin
             idx = (base[:, None, None] + yi.flatten(2) * w)[:, :, None, :, None] + xi.flatten(2)[:, None, :, None, :]
-            wts = yw.flatten(2)[:, :, None, :, None] * xw.flatten(2)[:, None, :, None, :] / float(gh * gw)
+            wts = (yw.flatten(2) / float(gh * gw))[:, :, None, :, None] * xw.flatten(2)[:, None, :, None, :]
             offsets = torch.arange(0, idx.numel(), 4 * gh * gw, dtype=torch.int64, device=idx.device)
             pooled = F.embedding_bag(idx.reshape(-1), table, offsets, mode="sum",
                                      per_sample_weights=wts.reshape(-1).to(table.dtype))
@@ -491,8 +495,9 @@ def _folded(*norms: Optional[nn.Module]) -> bool:
 class _Converter:
     """Replaces detkit modules by their fused inference versions (see :func:`optimize_for_inference`)."""
 
-    def __init__(self, dtype: torch.dtype, use_mkldnn: bool, fast_roi_align: bool) -> None:
+    def __init__(self, dtype: torch.dtype, use_mkldnn: bool, linear_mkldnn: bool, fast_roi_align: bool) -> None:
         self.dtype, self.use_mkldnn, self.fast_roi_align = dtype, use_mkldnn, fast_roi_align
+        self.linear_mkldnn = linear_mkldnn
         self.low_precision = dtype != torch.float32
 
     def conv(self, conv: nn.Conv2d, relu: bool = False) -> nn.Module:
@@ -502,7 +507,7 @@ class _Converter:
 
     def linear(self, linear: nn.Linear, relu: bool = False, dtype: Optional[torch.dtype] = None,
                nhwc_channels: int = 0) -> PackedLinear:
-        return PackedLinear(linear, relu=relu, dtype=dtype or self.dtype, use_mkldnn=self.use_mkldnn,
+        return PackedLinear(linear, relu=relu, dtype=dtype or self.dtype, use_mkldnn=self.linear_mkldnn,
                             nhwc_channels=nhwc_channels)
 
     def fp32_island(self, m: nn.Module, contiguous: bool = False) -> nn.Module:
@@ -581,19 +586,6 @@ def _release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def limit_heap_growth(mmap_threshold: int = 4 << 20) -> bool:
-    """Make glibc return large freed buffers to the OS at once (a process-wide allocator setting).
-
-    glibc's adaptive mmap threshold climbs to 32 MiB after the first large ``free``; activation
-    buffers below it then come from the heap, which fragments as image sizes vary and keeps
-    growing (R50-FPN at 800 px: a few hundred MB). A fixed threshold (``M_MMAP_THRESHOLD``) keeps
-    every buffer above ``mmap_threshold`` bytes in its own mapping. Returns False where it does not
-    apply (not Linux/glibc). :class:`detkit.Predictor` calls it for CPU inference.
-    """
-    libc = _glibc()
-    return bool(libc is not None and libc.mallopt(-3, int(mmap_threshold)) == 1)  # -3: M_MMAP_THRESHOLD
-
-
 def optimize_for_inference(
     model: nn.Module,
     precision: str = "fp32",
@@ -601,7 +593,7 @@ def optimize_for_inference(
     fold_bn: bool = True,
     fuse: bool = True,
     channels_last: bool = True,
-    prepack: bool = True,
+    prepack: bool = False,
     fast_roi_align: bool = True,
 ) -> nn.Module:
     """Make an eval-mode model faster for inference, in place; returns it.
@@ -616,8 +608,11 @@ def optimize_for_inference(
             (needed for bf16). Without it only folding and ``channels_last`` apply.
         channels_last: with ``fuse=False``, convert conv weights to channels_last (fused modules
             always are).
-        prepack: on CPU, use oneDNN's prepacked fused kernels (else ``F.conv2d`` / ``F.linear``).
-        fast_roi_align: on CPU with ``prepack``, pool with :class:`FastMultiScaleRoIAlign`.
+        prepack: on CPU, run convolutions with oneDNN's prepacked fused kernels instead of
+            ``F.conv2d`` on channels_last weights. Off by default: measured no faster here (AVX512-BF16
+            CPU, R50-FPN at 800 px) and oneDNN then caches per-shape buffers, so RSS grows with
+            every new input size.
+        fast_roi_align: on CPU, pool with :class:`FastMultiScaleRoIAlign`.
 
     The switches after ``precision`` exist to measure each speed lever; keep the defaults. The model
     is put in eval mode without gradients; the precision used is stored as ``model.inference_precision``.
@@ -634,8 +629,8 @@ def optimize_for_inference(
     if fold_bn:
         fold_frozen_bn(model)
     if fuse:
-        use_mkldnn = prepack and device.type == "cpu" and mkldnn_fusion_available()
-        _Converter(_DTYPES[precision], use_mkldnn, fast_roi_align and use_mkldnn).children(model)
+        on_cpu = device.type == "cpu" and mkldnn_fusion_available()
+        _Converter(_DTYPES[precision], prepack and on_cpu, on_cpu, fast_roi_align and on_cpu).children(model)
     elif channels_last:
         model.to(memory_format=torch.channels_last)
     model.inference_precision = precision

@@ -174,16 +174,18 @@ def test_channels_last_gives_the_same_results() -> None:
         _same_detections(plain.predict(_images()), cl.predict(_images()))
 
 
-@pytest.mark.parametrize("arch,backbone,box_head", [
-    ("faster_rcnn", "resnet18", "2fc"), ("mask_rcnn", "resnet50", "4conv1fc"),
+@pytest.mark.parametrize("arch,backbone,box_head,prepack", [
+    ("faster_rcnn", "resnet18", "2fc", False), ("mask_rcnn", "resnet50", "4conv1fc", False),
+    ("faster_rcnn", "resnet18", "2fc", True),
 ])
-def test_fused_detector_matches_plain(arch: str, backbone: str, box_head: str) -> None:
+def test_fused_detector_matches_plain(arch: str, backbone: str, box_head: str, prepack: bool) -> None:
     plain = _detector(arch, backbone=backbone, box_head=box_head)
-    fused = optimize_for_inference(copy.deepcopy(plain), "fp32")
+    fused = optimize_for_inference(copy.deepcopy(plain), "fp32", prepack=prepack)
     assert fused.inference_precision == "fp32"
     if MKLDNN:
         assert any(isinstance(m, FastMultiScaleRoIAlign) for m in fused.modules())
-        assert all(m.use_mkldnn for m in fused.modules() if isinstance(m, PackedConv2d))
+        assert all(m.use_mkldnn == prepack for m in fused.modules() if isinstance(m, PackedConv2d))
+        assert all(m.use_mkldnn for m in fused.modules() if isinstance(m, PackedLinear))
     with torch.no_grad():
         ref, out = plain.predict(_images()), fused.predict(_images())
     assert sum(len(r) for r in ref) > 0, "the tiny model should detect something"
@@ -221,6 +223,18 @@ def test_bf16_close_to_fp32() -> None:
         same = (r.labels[:10, None] == o.labels[None, :]) & ((r.scores[:10, None] - o.scores[None, :]).abs() < 0.02)
         best = torch.where(same, iou, torch.zeros_like(iou)).max(dim=1).values
         assert best[0] > 0.98 and (best > 0.98).float().mean() >= 0.8, f"best IoU of top fp32 detections: {best}"
+
+
+@needs_bf16
+def test_bf16_mask_rcnn_runs_with_fp32_outputs() -> None:
+    plain = _detector("mask_rcnn")
+    bf16 = optimize_for_inference(copy.deepcopy(plain), "bf16", prepack=True)
+    with torch.no_grad():
+        ref, out = plain.predict(_images()), bf16.predict(_images())
+    for r, o, im in zip(ref, out, _images()):
+        assert o.masks.dtype == torch.bool and tuple(o.masks.shape) == (len(o), *im.shape[1:])
+        assert o.boxes.dtype == torch.float32 and len(o) > 0 and abs(len(o) - len(r)) <= max(2, len(r) // 10)
+        assert torchvision.ops.box_iou(r.boxes[:1], o.boxes).max() > 0.98
 
 
 def test_packed_layers_match_reference() -> None:
