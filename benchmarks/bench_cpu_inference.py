@@ -358,14 +358,12 @@ def lever_modes(sd: dict, cfg_path: Path) -> dict[str, Callable[[torch.Tensor], 
         "dk +fold BN": dk_runner(fold_frozen_bn(build())),
         "dk +fold +channels_last": dk_runner(fold_cl),
         "dk +fold +CL +oneDNN linear": dk_runner(optimize_for_inference(build(), "fp32", fast_roi_align=False)),
-        "dk fp32 +prepacked fused convs": dk_runner(optimize_for_inference(build(), "fp32", prepack=True)),
     }
     if bf16_supported("cpu"):
         modes["dk bf16 autocast (fold+CL)"] = dk_runner(copy.deepcopy(fold_cl), autocast=True)
         modes["dk bf16 weights (pooler RoIAlign)"] = dk_runner(
             optimize_for_inference(build(), "bf16", fast_roi_align=False)
         )
-        modes["dk bf16 +prepacked fused convs"] = dk_runner(optimize_for_inference(build(), "bf16", prepack=True))
     return modes
 
 

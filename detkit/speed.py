@@ -4,12 +4,12 @@
 model computing the same function faster:
 
 * frozen / eval-mode BatchNorms are folded into the convolutions (:func:`detkit.layers.fold_frozen_bn`);
-* convolutions become :class:`PackedConv2d` (weight stored once, channels_last, in the compute dtype;
-  ReLU and residual additions in place; activations channels_last), residual blocks their fused
-  versions; optionally (``prepack=True``) oneDNN's prepacked kernels with bias / ReLU / shortcut
-  addition fused in (``torch.ops.mkldnn._convolution_pointwise``);
+* convolutions become :class:`InferenceConv2d` (weight stored once, channels_last, in the compute
+  dtype; ReLU and residual additions in place; activations channels_last), residual blocks their
+  fused versions. (oneDNN's prepacked conv kernels with fused post-ops were measured too: no faster
+  than this on an AVX512-BF16 CPU, and their per-shape buffers grow RSS with every new image size);
 * on CPU, linear layers become oneDNN-prepacked :class:`PackedLinear` (several times faster than
-  the MKL ``F.linear`` path on AMD CPUs) and RoIAlign a multi-threaded gather-sum over channels-last
+  the MKL ``F.linear`` path on AMD CPUs) and RoIAlign a vectorized gather-sum over channels-last
   features (:func:`roi_align_nhwc`). In fp32 the results equal the plain model's up to float rounding;
 * ``precision="bf16"`` stores weights and activations in bfloat16 (oneDNN accumulates in fp32), with
   fp32 islands: box coordinates, anchors, box decoding, NMS and score thresholds (the models already
@@ -17,8 +17,8 @@ model computing the same function faster:
 * elsewhere (CUDA, CPU builds without oneDNN) the same modules run ``F.conv2d`` / ``F.linear`` in
   the chosen dtype, with the model's own RoIAlign as an fp32 island.
 
-Call it after ``model.to(device)`` (oneDNN-packed weights do not move). ``state_dict()`` keeps the
-keys and values of the BN-folded model.
+Call it after ``model.to(device)`` (oneDNN-packed linear weights do not move). ``state_dict()`` keeps
+the keys and values of the BN-folded model.
 
 Example::
 
@@ -46,8 +46,8 @@ from .models.roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, StandardROI
 from .models.rpn import RPNHead
 
 __all__ = [
-    "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_fusion_available", "optimize_for_inference",
-    "PackedConv2d", "PackedLinear", "FusedStem", "FusedBottleneck", "FusedBasicBlock", "FusedFCHead",
+    "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_linear_available", "optimize_for_inference",
+    "InferenceConv2d", "PackedLinear", "FusedStem", "FusedBottleneck", "FusedBasicBlock", "FusedFCHead",
     "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign",
 ]
 
@@ -55,7 +55,6 @@ logger = logging.getLogger("detkit")
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_CONV_HINT_HW = 64  # spatial size assumed when pre-reordering conv weights (any size works afterwards)
 _LINEAR_HINT_ROWS = 512  # rows assumed when pre-reordering linear weights (RoIs per batch)
 _ROI_CHUNK = 256  # RoIs per embedding_bag call: bounds the temporary index/weight tables
 
@@ -74,11 +73,11 @@ def _cpuinfo_flags() -> frozenset[str]:
     return frozenset()
 
 
-def mkldnn_fusion_available() -> bool:
-    """True when this PyTorch build has oneDNN with its prepacked, fused conv / linear operators."""
+def mkldnn_linear_available() -> bool:
+    """True when this PyTorch build has oneDNN with its prepacked linear operators."""
     if not torch.backends.mkldnn.is_available():
         return False
-    names = ("_convolution_pointwise", "_reorder_convolution_weight", "_linear_pointwise", "_reorder_linear_weight")
+    names = ("_linear_pointwise", "_reorder_linear_weight")
     try:
         return all(hasattr(torch.ops.mkldnn, n) for n in names)
     except RuntimeError:
@@ -134,72 +133,41 @@ def _check_device(module: nn.Module, x: Tensor) -> None:
         )
 
 
-class PackedConv2d(nn.Module):
-    """Inference-only ``Conv2d`` (+ bias, + optional ReLU) with its weight prepared once.
+class InferenceConv2d(nn.Module):
+    """Inference-only ``Conv2d`` (+ optional in-place ReLU) with its weight prepared once.
 
-    With ``use_mkldnn`` (CPU) the weight is pre-reordered for oneDNN and bias / ReLU / residual
-    addition run inside the convolution; otherwise a channels_last ``F.conv2d``. Inputs are cast to
-    ``dtype`` and made channels_last; outputs are channels_last ``dtype``.
+    The weight is stored channels_last in ``dtype`` (buffers ``weight`` and ``bias``, moved by
+    ``.to(device)``); inputs are cast to ``dtype`` and made channels_last, outputs are channels_last
+    ``dtype``. On CPU ``F.conv2d`` then runs oneDNN's channels-last kernels without layout reorders.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32,
-                 use_mkldnn: bool = True) -> None:
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"PackedConv2d: needs explicit zero padding, got padding={conv.padding!r} "
+            raise ValueError(f"InferenceConv2d: needs explicit zero padding, got padding={conv.padding!r} "
                              f"padding_mode={conv.padding_mode!r}")
         self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
-        self.stride, self.padding, self.dilation = list(conv.stride), list(conv.padding), list(conv.dilation)
-        self.relu, self.dtype, self.device = bool(relu), dtype, conv.weight.device
-        self.use_mkldnn = bool(use_mkldnn) and self.device.type == "cpu"
-        weight = conv.weight.detach().to(dtype)
-        self._bias: Optional[Tensor] = None if conv.bias is None else conv.bias.detach().to(dtype)
-        if self.use_mkldnn:
-            hint = [1, self.in_channels, _CONV_HINT_HW, _CONV_HINT_HW]
-            self._weight = torch.ops.mkldnn._reorder_convolution_weight(
-                weight, self.padding, self.stride, self.dilation, self.groups, hint)
-        else:
-            self._weight = weight.contiguous(memory_format=torch.channels_last)
+        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
+        self.relu, self.dtype = bool(relu), dtype
+        self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
 
-    def _prepare(self, x: Tensor) -> Tensor:
-        _check_device(self, x)
-        return x.to(dtype=self.dtype, memory_format=torch.channels_last)
-
-    def _conv(self, x: Tensor, relu: bool) -> Tensor:
-        if self.use_mkldnn:
-            return torch.ops.mkldnn._convolution_pointwise(
-                x, self._weight, self._bias, self.padding, self.stride, self.dilation, self.groups,
-                "relu" if relu else "none", [], "")
-        y = F.conv2d(x, self._weight, self._bias, self.stride, self.padding, self.dilation, self.groups)
-        return F.relu(y, inplace=True) if relu else y
+    def _conv(self, x: Tensor) -> Tensor:
+        x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         """[N, C_in, H, W] -> [N, C_out, H', W'] (channels_last, ``dtype``)."""
-        return self._conv(self._prepare(x), self.relu)
+        y = self._conv(x)
+        return y.relu_() if self.relu else y
 
     def forward_add_relu(self, x: Tensor, other: Tensor) -> Tensor:
-        """``relu(conv(x) + other)``: the end of a residual block (``self.relu`` is not used)."""
-        x = self._prepare(x)
-        other = other.to(dtype=self.dtype, memory_format=torch.channels_last)
-        # oneDNN's fused add + ReLU; ATen has no bf16 fallback for grouped convs, so add separately there
-        if self.use_mkldnn and (self.groups == 1 or self.dtype == torch.float32):
-            return torch.ops.mkldnn._convolution_pointwise.binary(
-                x, other, self._weight, self._bias, self.padding, self.stride, self.dilation, self.groups,
-                "add", 1.0, "relu", [], "")
-        return self._conv(x, relu=False).add_(other).relu_()
-
-    def dense_weight(self) -> Tensor:
-        """The weight as a plain ``[C_out, C_in / groups, kh, kw]`` tensor (``dtype``)."""
-        return self._weight.to_dense() if self._weight.is_mkldnn else self._weight.contiguous()
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        if self._bias is not None:
-            destination[prefix + "bias"] = self._bias
+        """``relu(conv(x) + other)`` in place: the end of a residual block (``self.relu`` is not used)."""
+        return self._conv(x).add_(other.to(self.dtype)).relu_()
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, "
-                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}, mkldnn={self.use_mkldnn}")
+                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}")
 
 
 class PackedLinear(nn.Module):
@@ -259,12 +227,12 @@ class PackedLinear(nn.Module):
 
 
 class FusedStem(nn.Module):
-    """ResNet stem with a folded BN: fused conv1 + ReLU, then the 3x3/2 max pool."""
+    """ResNet stem with a folded BN: conv1 + in-place ReLU, then the 3x3/2 max pool."""
 
-    def __init__(self, stem: Stem, dtype: torch.dtype, use_mkldnn: bool) -> None:
+    def __init__(self, stem: Stem, dtype: torch.dtype) -> None:
         super().__init__()
         self.out_channels = stem.out_channels
-        self.conv1 = PackedConv2d(stem.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv1 = InferenceConv2d(stem.conv1, relu=True, dtype=dtype)
         self.maxpool = stem.maxpool
 
     def forward(self, x: Tensor) -> Tensor:
@@ -272,13 +240,13 @@ class FusedStem(nn.Module):
 
 
 class FusedBottleneck(nn.Module):
-    """:class:`Bottleneck` with folded BNs: conv1+ReLU, conv2+ReLU, then relu(conv3 + shortcut) fused."""
+    """:class:`Bottleneck` with folded BNs: conv1+ReLU, conv2+ReLU, relu(conv3 + shortcut), ReLUs in place."""
 
-    def __init__(self, block: Bottleneck, dtype: torch.dtype, use_mkldnn: bool) -> None:
+    def __init__(self, block: Bottleneck, dtype: torch.dtype) -> None:
         super().__init__()
-        self.conv1 = PackedConv2d(block.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
-        self.conv2 = PackedConv2d(block.conv2, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
-        self.conv3 = PackedConv2d(block.conv3, relu=False, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
+        self.conv2 = InferenceConv2d(block.conv2, relu=True, dtype=dtype)
+        self.conv3 = InferenceConv2d(block.conv3, relu=False, dtype=dtype)
         self.shortcut: Optional[nn.Module] = block.shortcut  # folded ConvNormAct, converted by the caller
 
     def forward(self, x: Tensor) -> Tensor:
@@ -287,12 +255,12 @@ class FusedBottleneck(nn.Module):
 
 
 class FusedBasicBlock(nn.Module):
-    """:class:`BasicBlock` with folded BNs: conv1+ReLU, then relu(conv2 + shortcut) fused."""
+    """:class:`BasicBlock` with folded BNs: conv1+ReLU, relu(conv2 + shortcut), ReLUs in place."""
 
-    def __init__(self, block: BasicBlock, dtype: torch.dtype, use_mkldnn: bool) -> None:
+    def __init__(self, block: BasicBlock, dtype: torch.dtype) -> None:
         super().__init__()
-        self.conv1 = PackedConv2d(block.conv1, relu=True, dtype=dtype, use_mkldnn=use_mkldnn)
-        self.conv2 = PackedConv2d(block.conv2, relu=False, dtype=dtype, use_mkldnn=use_mkldnn)
+        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
+        self.conv2 = InferenceConv2d(block.conv2, relu=False, dtype=dtype)
         self.shortcut: Optional[nn.Module] = block.shortcut
 
     def forward(self, x: Tensor) -> Tensor:
@@ -425,7 +393,8 @@ def roi_align_nhwc(features: Tensor, rois: Tensor, output_size: int, spatial_sca
 
     Same sample points and bilinear rule as :func:`torchvision.ops.roi_align`, but each output bin
     is a bag of (pixel, weight) pairs reduced by ``F.embedding_bag`` over the ``[N*H*W, C]`` view of
-    the features: vectorized over channels and multi-threaded, unlike torchvision's scalar CPU loop.
+    the features: vectorized over channels, unlike torchvision's scalar CPU loop (about 4x less CPU
+    time for 1000 RoIs on a 256-channel p2 map).
     Sample positions and weights are computed in fp32 from fp32 ``rois``; the gather runs in the
     features' dtype (bf16 features: bf16 weights and output).
 
@@ -483,7 +452,7 @@ class FastMultiScaleRoIAlign(nn.Module):
 
 
 # --------------------------------------------------------------------------- conversion
-_FUSED = (PackedConv2d, PackedLinear, FusedStem, FusedBottleneck, FusedBasicBlock, FusedFCHead, Cast,
+_FUSED = (InferenceConv2d, PackedLinear, FusedStem, FusedBottleneck, FusedBasicBlock, FusedFCHead, Cast,
           FastMultiScaleRoIAlign)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)
 
@@ -493,17 +462,16 @@ def _folded(*norms: Optional[nn.Module]) -> bool:
 
 
 class _Converter:
-    """Replaces detkit modules by their fused inference versions (see :func:`optimize_for_inference`)."""
+    """Replaces detkit modules by their inference versions (see :func:`optimize_for_inference`)."""
 
-    def __init__(self, dtype: torch.dtype, use_mkldnn: bool, linear_mkldnn: bool, fast_roi_align: bool) -> None:
-        self.dtype, self.use_mkldnn, self.fast_roi_align = dtype, use_mkldnn, fast_roi_align
-        self.linear_mkldnn = linear_mkldnn
+    def __init__(self, dtype: torch.dtype, linear_mkldnn: bool, fast_roi_align: bool) -> None:
+        self.dtype, self.linear_mkldnn, self.fast_roi_align = dtype, linear_mkldnn, fast_roi_align
         self.low_precision = dtype != torch.float32
 
     def conv(self, conv: nn.Conv2d, relu: bool = False) -> nn.Module:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return Cast(conv, self.dtype)
-        return PackedConv2d(conv, relu=relu, dtype=self.dtype, use_mkldnn=self.use_mkldnn)
+        return InferenceConv2d(conv, relu=relu, dtype=self.dtype)
 
     def linear(self, linear: nn.Linear, relu: bool = False, dtype: Optional[torch.dtype] = None,
                nhwc_channels: int = 0) -> PackedLinear:
@@ -519,11 +487,11 @@ class _Converter:
         if isinstance(m, _FUSED):
             return m
         if isinstance(m, Stem) and _folded(m.bn1):
-            return FusedStem(m, self.dtype, self.use_mkldnn)
+            return FusedStem(m, self.dtype)
         if isinstance(m, (Bottleneck, BasicBlock)) and _folded(
             m.bn1, m.bn2, getattr(m, "bn3", None), None if m.shortcut is None else m.shortcut.norm
         ):
-            fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, self.dtype, self.use_mkldnn)
+            fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, self.dtype)
             self.children(fused)  # the shortcut
             return fused
         if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and _folded(m.norm) \
@@ -593,7 +561,6 @@ def optimize_for_inference(
     fold_bn: bool = True,
     fuse: bool = True,
     channels_last: bool = True,
-    prepack: bool = False,
     fast_roi_align: bool = True,
 ) -> nn.Module:
     """Make an eval-mode model faster for inference, in place; returns it.
@@ -608,10 +575,6 @@ def optimize_for_inference(
             (needed for bf16). Without it only folding and ``channels_last`` apply.
         channels_last: with ``fuse=False``, convert conv weights to channels_last (fused modules
             always are).
-        prepack: on CPU, run convolutions with oneDNN's prepacked fused kernels instead of
-            ``F.conv2d`` on channels_last weights. Off by default: measured no faster here (AVX512-BF16
-            CPU, R50-FPN at 800 px) and oneDNN then caches per-shape buffers, so RSS grows with
-            every new input size.
         fast_roi_align: on CPU, pool with :class:`FastMultiScaleRoIAlign`.
 
     The switches after ``precision`` exist to measure each speed lever; keep the defaults. The model
@@ -629,8 +592,9 @@ def optimize_for_inference(
     if fold_bn:
         fold_frozen_bn(model)
     if fuse:
-        on_cpu = device.type == "cpu" and mkldnn_fusion_available()
-        _Converter(_DTYPES[precision], prepack and on_cpu, on_cpu, fast_roi_align and on_cpu).children(model)
+        on_cpu = device.type == "cpu"
+        linear_mkldnn = on_cpu and mkldnn_linear_available()
+        _Converter(_DTYPES[precision], linear_mkldnn, fast_roi_align and on_cpu).children(model)
     elif channels_last:
         model.to(memory_format=torch.channels_last)
     model.inference_precision = precision
