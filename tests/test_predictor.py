@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from torchvision.ops import box_iou
 
 from detkit import Predictor
 from detkit.config import load_config
@@ -108,9 +109,16 @@ def test_bf16_runs_and_returns_float32(tmp_path) -> None:
     res = Predictor(cfg_path, weights=weights, precision="bf16")(_image())
     assert res.boxes.dtype == np.float32 and res.scores.dtype == np.float32
     assert len(res) > 0 and np.isfinite(res.boxes).all()
-    # same top detection up to bf16 noise
-    assert res.labels[0] == fp32.labels[0]
-    assert np.abs(res.boxes[0] - fp32.boxes[0]).max() < 8.0
+    # Random weights give many near-tied scores, so bf16 noise may reorder them and change a few
+    # proposals: compare the detection sets, not the top one. Most bf16 detections must have a
+    # same-label fp32 twin (IoU >= 0.95) with nearly the same score.
+    iou = box_iou(torch.from_numpy(res.boxes), torch.from_numpy(fp32.boxes))
+    iou[torch.from_numpy(res.labels)[:, None] != torch.from_numpy(fp32.labels)[None]] = 0.0
+    best, twin = iou.max(dim=1)
+    matched = best >= 0.95
+    assert matched.float().mean() >= 0.6, f"only {matched.float().mean():.2f} of bf16 detections match fp32"
+    score_diff = np.abs(res.scores[matched.numpy()] - fp32.scores[twin[matched].numpy()])
+    assert score_diff.max() < 0.02
 
 
 def test_config_weights_default_and_loaded_config(tmp_path) -> None:
