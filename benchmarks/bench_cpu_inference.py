@@ -57,7 +57,7 @@ from detkit.models.build import build_detector  # noqa: E402
 from detkit.speed import bf16_supported, optimize_for_inference  # noqa: E402
 
 CONFIG = ROOT / "configs/torchvision/faster_rcnn_R_50_FPN.yaml"
-COCO128 = Path("/work/shared/data/coco128")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 BACKGROUND_LOGIT = 9.0
 
 Det = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # boxes, scores, labels (detkit convention)

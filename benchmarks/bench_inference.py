@@ -39,7 +39,7 @@ import detkit  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
 
-COCO128 = Path("/work/shared/data/coco128/images")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
 
 
 def torchvision_v1_faster_rcnn() -> FasterRCNN:

@@ -24,7 +24,7 @@ from detkit.structures import Detections
 CATEGORY_IDS = [3, 7, 12]  # non-contiguous; labels 0, 1, 2
 CLASS_NAMES = ["cat", "dog", "bird"]
 IMAGES = {1: (64, 80), 2: (48, 48), 3: (120, 110), 4: (40, 40)}  # id -> (h, w); image 4 has no GT
-COCO128 = Path("/work/shared/data/coco128/annotations.json")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "annotations.json"
 
 
 def _rect(x1: float, y1: float, x2: float, y2: float) -> list[float]:

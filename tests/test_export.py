@@ -136,7 +136,7 @@ def test_exports_match_pytorch_on_other_sizes_and_zero_detections(exported: dict
         assert [o.dtype for o in outs[:3]] == [torch.float32, torch.float32, torch.int64]
 
 
-COCO128 = Path("/work/shared/data/coco128/images")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
 
 
 @needs_ort

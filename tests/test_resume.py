@@ -81,7 +81,10 @@ def test_kill_9_then_resume_continues(shapes: dict, tmp_path: Path) -> None:
     assert f"Resumed from {last} at iteration {killed_at}" in log
     assert f"Starting training from iteration {killed_at} to {MAX_ITERS}" in log
     records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if "bbox/AP" in r]
+    records = [r for r in records if "total_loss" in r]
     assert [r["iter"] for r in records] == list(range(1, MAX_ITERS + 1))  # no gap, no duplicate
+    assert [r["iter"] for r in evals] == [MAX_ITERS]  # no eval line of the killed run survives
     for r in records:  # the LR of step i (logged as iter i+1) follows the schedule across the kill
         assert r["lr"] == pytest.approx(BASE_LR * lr_factor(r["iter"] - 1, **SCHEDULE), rel=1e-9), r["iter"]
     final = load_checkpoint(last)

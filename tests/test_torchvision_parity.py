@@ -30,7 +30,7 @@ from detkit.models.build import build_detector
 from detkit.structures import Detections
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = Path("/work/shared/data/coco128/images")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
 SLOW = os.environ.get("DETKIT_SLOW_TESTS", "") == "1"
 BUILDERS = {
     "faster": torchvision.models.detection.fasterrcnn_resnet50_fpn,

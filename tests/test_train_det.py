@@ -17,7 +17,7 @@ from detkit.data.synthetic import make_shapes_coco
 from detkit.engine.launch import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = Path("/work/shared/data/coco128")
+COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
 MASK_R18 = ROOT / "configs" / "coco" / "mask_rcnn_R_18_FPN_1x.yaml"
 DEMO = ROOT / "configs" / "demo" / "shapes_mask_rcnn_R_18_FPN.yaml"
 
@@ -55,7 +55,7 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
 
 
 @pytest.mark.skipif(not (COCO128 / "annotations.json").is_file(),
-                    reason="coco128 not found at /work/shared/data/coco128 (annotations.json + images/)")
+                    reason=f"coco128 not found at {COCO128} (annotations.json + images/)")
 def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     val = _subset(COCO128 / "annotations.json", tmp_path / "val3.json", 3)
@@ -77,7 +77,11 @@ def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, c
         assert key in metrics
     assert isinstance(metrics["bbox/AP"], float) and 0.0 <= metrics["bbox/AP"] <= 100.0
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in lines if "bbox/AP" in r]
+    lines = [r for r in lines if "total_loss" in r]
     assert [r["iter"] for r in lines] == [1, 2, 3]
+    assert [r["iter"] for r in evals] == [3] and evals[0]["bbox/AP"] == pytest.approx(metrics["bbox/AP"])
+    assert "bbox/AP-person" not in evals[0]  # per-class AP stays in metrics.json
     assert all({"lr", "total_loss", "loss_mask", "loss_rpn_cls", "time", "data_time"} <= set(r) for r in lines)
     assert all(math.isfinite(r["total_loss"]) for r in lines)
     ck = out / "checkpoints"
@@ -131,6 +135,7 @@ def test_corrupt_images_are_skipped_counted_and_training_completes(shapes: dict,
                    + _shapes_overrides(paths, **{"train.num_vis_images": 0, "train.ema": "true",
                                                   "train.ema_decay": 0.5})) == 0
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = [r for r in lines if "total_loss" in r]  # iteration lines, not the eval line
     assert lines[-1]["iter"] == 3
     skipped = lines[-1]["skipped_images"]
     assert skipped >= 2

@@ -12,6 +12,7 @@ closed last.
 from __future__ import annotations
 
 import json
+import math
 import logging
 import time
 from pathlib import Path
@@ -100,8 +101,9 @@ class MetricsWriter(HookBase):
 
     The JSON line holds ``iter`` (completed iterations), ``lr``, every loss,
     ``total_loss`` (medians over the period), ``time``, ``data_time`` (seconds per
-    iteration), ``eta_seconds`` and ``skipped_images`` (so far). Evaluation
-    metrics go to TensorBoard under their own names (``bbox/AP`` ...). Only rank 0 writes.
+    iteration), ``eta_seconds`` and ``skipped_images`` (so far). After each evaluation, a line
+    ``{"iter": N, "bbox/AP": ..., ...}`` with the summary metrics (no per-class AP) is added, and
+    all metrics go to TensorBoard under their own names. Only rank 0 writes.
     """
 
     def __init__(self, output_dir: str | Path, period: int = 20, tensorboard: bool = True) -> None:
@@ -167,6 +169,11 @@ class MetricsWriter(HookBase):
         if st.eval_iteration == self._last_eval_iter or not st.eval_results:
             return
         self._last_eval_iter = st.eval_iteration
+        if self._jsonl is not None:  # the eval history next to the losses (tools/analyze.py log plots it)
+            summary = {k: (None if math.isnan(v) else v) for k, v in st.eval_results.items()
+                       if isinstance(v, (int, float)) and "/AP-" not in k}  # NaN -> null: strict JSON
+            self._jsonl.write(json.dumps({"iter": st.eval_iteration, **summary}) + "\n")
+            self._jsonl.flush()
         if self.tb is not None:
             for k, v in st.eval_results.items():
                 if not isinstance(v, (int, float)):
