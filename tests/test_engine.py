@@ -235,6 +235,21 @@ def test_bf16_autocast_on_cpu_and_grad_clip(tmp_path: Path) -> None:
     assert t16.amp == ("fp16" if torch.cuda.is_available() and t16.device.type == "cuda" else "none")
 
 
+def test_amp_auto_follows_native_bf16_support(monkeypatch) -> None:
+    from detkit.engine import resolve_amp
+    from detkit.speed import bf16_supported
+
+    cpu = torch.device("cpu")
+    native = bf16_supported(cpu)
+    assert resolve_amp("auto", cpu) == ("bf16" if native else "none")
+    assert resolve_amp("none", cpu) == "none"
+    monkeypatch.setenv("DETKIT_DISABLE_BF16", "1")  # a CPU without bf16 instructions
+    assert resolve_amp("auto", cpu) == "none"
+    assert resolve_amp("bf16", cpu) == "none"  # emulated bf16 would be slower than fp32
+    model = ToyModel()
+    assert Trainer(model, build_sgd(model, 0.1), toy_data(1), 1, amp="auto", loss_fn=scaled_loss).amp == "none"
+
+
 # --------------------------------------------------------------------------- EMA
 def test_ema_matches_closed_form() -> None:
     m = ToyModel()

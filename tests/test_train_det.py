@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import cv2
 import pytest
 import torch
 
@@ -71,6 +72,12 @@ def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, c
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     assert f"tensorboard --logdir {out}" in printed
+    # the final drawing ([ground truth | predictions], train.num_vis_images=1) as a PNG file
+    drawn = sorted((out / "vis").glob("val_*.png"))
+    assert [p.name for p in drawn] == ["val_0.png"]
+    assert f"Predictions drawn on 1 validation image(s) ([ground truth | predictions]): {out / 'vis'}" in printed
+    canvas = cv2.imread(str(drawn[0]))
+    assert canvas is not None and canvas.std() > 5
 
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("bbox/AP", "bbox/AP50", "segm/AP", "segm/AP75", "bbox/AP-person"):

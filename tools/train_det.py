@@ -135,7 +135,7 @@ def build_hooks(cfg: DetectionConfig, out: Path, trainer: Trainer, data: Detecti
         hooks.append(BestCheckpointer(out / "checkpoints", "bbox/AP", config=config_dict))
         samples = visualization_samples(cfg, data.val, t.num_vis_images)
         if samples:
-            hooks.append(VisualizationHook(writer, samples, data.class_names, t.vis_period))
+            hooks.append(VisualizationHook(writer, samples, data.class_names, t.vis_period, image_dir=out / "vis"))
     hooks += [EvalMetricsWriter(writer), ProgressBar()]
     return hooks
 
@@ -149,7 +149,10 @@ def report(out: Path, metrics: dict[str, float]) -> None:
         print(format_coco_table(metrics))
         print(format_per_class_table(metrics))
     print(f"\nOutputs in {out}: metrics.json, metrics.jsonl, log.txt, config.yaml, checkpoints/ (last.pth, best.pth)")
-    print(f"TensorBoard: tensorboard --logdir {out}")
+    vis = sorted((out / "vis").glob("val_*.png"))
+    if vis:
+        print(f"Predictions drawn on {len(vis)} validation image(s) ([ground truth | predictions]): {out / 'vis'}/")
+    print(f"TensorBoard (losses, lr, AP, predictions): tensorboard --logdir {out}   then open http://localhost:6006")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -172,7 +172,7 @@ class TrainConfig(_Strict):
     warmup_iters: int = 1000
     warmup_factor: float = 0.001
     clip_grad_norm: float = 0.0  # 0 disables
-    amp: Literal["none", "fp16", "bf16"] = "none"  # fp16/bf16 autocast (bf16 also on CPU)
+    amp: Literal["none", "fp16", "bf16", "auto"] = "none"  # autocast; auto: bf16 where native, fp16 on old GPUs
     ema: bool = False
     ema_decay: float = 0.9998
     sync_bn: bool = False
@@ -231,7 +231,7 @@ class ClsTrainConfig(_Strict):
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     warmup_epochs: float = 5.0
-    amp: Literal["none", "fp16", "bf16"] = "none"
+    amp: Literal["none", "fp16", "bf16", "auto"] = "none"
     seed: int = 42
     log_period: int = 20
 

@@ -13,12 +13,13 @@ from .ema import ModelEMA
 from .hooks import EvalHook, EvalMetricsWriter, LRScheduler, MetricsWriter, ProgressBar, VisualizationHook
 from .lr_schedule import LRSchedule, lr_factor
 from .optim import build_adamw, build_sgd, param_groups
-from .trainer import HookBase, MetricStorage, Trainer
+from .trainer import HookBase, MetricStorage, Trainer, resolve_amp
 
 __all__ = [
     "Trainer",
     "HookBase",
     "MetricStorage",
+    "resolve_amp",
     "LRSchedule",
     "lr_factor",
     "LRScheduler",

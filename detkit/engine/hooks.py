@@ -16,7 +16,7 @@ import math
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,7 +101,8 @@ class MetricsWriter(HookBase):
 
     The JSON line holds ``iter`` (completed iterations), ``lr``, every loss,
     ``total_loss`` (medians over the period), ``time``, ``data_time`` (seconds per
-    iteration), ``eta_seconds`` and ``skipped_images`` (so far). After each evaluation, a line
+    iteration), ``eta_seconds``, ``skipped_images`` (so far) and ``elapsed_seconds`` (wall time since this
+    process started training, evaluations included). After each evaluation, a line
     ``{"iter": N, "bbox/AP": ..., ...}`` with the summary metrics (no per-class AP) is added, and
     all metrics go to TensorBoard under their own names. Only rank 0 writes.
     """
@@ -145,6 +146,7 @@ class MetricsWriter(HookBase):
         record["data_time"] = st.avg("data_time", window) if "data_time" in st.latest else 0.0
         record["eta_seconds"] = step_time * (self.trainer.max_iters - completed)
         record["skipped_images"] = st.skipped_images
+        record["elapsed_seconds"] = round(time.perf_counter() - self._t_start, 3)  # since this process started
         if not is_main_process():
             return
         self._jsonl.write(json.dumps(record) + "\n")
@@ -172,7 +174,8 @@ class MetricsWriter(HookBase):
         if self._jsonl is not None:  # the eval history next to the losses (tools/analyze.py log plots it)
             summary = {k: (None if math.isnan(v) else v) for k, v in st.eval_results.items()
                        if isinstance(v, (int, float)) and "/AP-" not in k}  # NaN -> null: strict JSON
-            self._jsonl.write(json.dumps({"iter": st.eval_iteration, **summary}) + "\n")
+            elapsed = round(time.perf_counter() - self._t_start, 3)
+            self._jsonl.write(json.dumps({"iter": st.eval_iteration, "elapsed_seconds": elapsed, **summary}) + "\n")
             self._jsonl.flush()
         if self.tb is not None:
             for k, v in st.eval_results.items():
@@ -274,7 +277,8 @@ class ProgressBar(HookBase):
 
 
 class VisualizationHook(HookBase):
-    """Adds a few validation images to TensorBoard: ground truth beside predictions.
+    """Draws a few validation images, ground truth beside predictions, into TensorBoard and, at the
+    end of training, into PNG files.
 
     Args:
         writer: the :class:`MetricsWriter` whose SummaryWriter is used.
@@ -282,18 +286,23 @@ class VisualizationHook(HookBase):
         class_names: for labels on the drawings.
         period: every ``period`` iterations; 0 only at the end.
         score_threshold: predictions drawn above this score.
+        image_dir: where the final drawings go as ``val_<i>.png`` ([ground truth | predictions]);
+            None writes no files.
     """
 
     def __init__(self, writer: MetricsWriter, samples: Sequence[tuple[torch.Tensor, Any]],
-                 class_names: Sequence[str], period: int = 0, score_threshold: float = 0.3) -> None:
+                 class_names: Sequence[str], period: int = 0, score_threshold: float = 0.3,
+                 image_dir: Optional[Path] = None) -> None:
         self.writer = writer
         self.samples = list(samples)
         self.class_names = list(class_names)
         self.period = int(period)
         self.score_threshold = score_threshold
+        self.image_dir = Path(image_dir) if image_dir is not None else None
 
-    def _run(self, completed: int) -> None:
-        if not is_main_process() or self.writer.tb is None or not self.samples:
+    def _run(self, completed: int, write_files: bool = False) -> None:
+        write_files = write_files and self.image_dir is not None
+        if not is_main_process() or not self.samples or (self.writer.tb is None and not write_files):
             return
         from ..visualization import draw_detections_struct, draw_targets
         from .distributed import unwrap_model
@@ -313,8 +322,15 @@ class VisualizationHook(HookBase):
             pred = draw_detections_struct(rgb, det.to("cpu"), self.class_names, self.score_threshold)
             sep = np.full((rgb.shape[0], 4, 3), 255, dtype=np.uint8)
             canvas = np.concatenate([gt, sep, pred], axis=1)  # [ground truth | predictions]
-            self.writer.tb.add_image(f"val/{i}", canvas, completed, dataformats="HWC")
-        self.writer.tb.flush()
+            if self.writer.tb is not None:
+                self.writer.tb.add_image(f"val/{i}", canvas, completed, dataformats="HWC")
+            if write_files:
+                import cv2
+
+                self.image_dir.mkdir(parents=True, exist_ok=True)  # type: ignore[union-attr]
+                cv2.imwrite(str(self.image_dir / f"val_{i}.png"), cv2.cvtColor(canvas, cv2.COLOR_RGB2BGR))
+        if self.writer.tb is not None:
+            self.writer.tb.flush()
 
     def after_step(self) -> None:
         completed = self.trainer.iter + 1
@@ -324,6 +340,6 @@ class VisualizationHook(HookBase):
     def after_train(self) -> None:
         if not self.trainer.failed and self.trainer.iter >= self.trainer.max_iters:
             try:
-                self._run(self.trainer.max_iters)
+                self._run(self.trainer.max_iters, write_files=True)
             except Exception as e:  # drawings are a convenience: never fail a finished run for them
-                logger.warning("could not draw validation images for TensorBoard: %s", e)
+                logger.warning("could not draw the validation images: %s", e)

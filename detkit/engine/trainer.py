@@ -22,11 +22,11 @@ from torch import Tensor, nn
 from .distributed import get_world_size, is_distributed, unwrap_model
 from .ema import ModelEMA
 
-__all__ = ["HookBase", "MetricStorage", "Trainer", "autocast_context", "default_loss_fn"]
+__all__ = ["HookBase", "MetricStorage", "Trainer", "autocast_context", "default_loss_fn", "resolve_amp"]
 
 logger = logging.getLogger("detkit.engine")
 
-AmpMode = Literal["none", "fp16", "bf16"]
+AmpMode = Literal["none", "fp16", "bf16", "auto"]
 
 
 class HookBase:
@@ -101,6 +101,30 @@ def default_loss_fn(model: nn.Module, batch: Any) -> dict[str, Tensor]:
     return model(batch.images, batch.targets)
 
 
+def resolve_amp(amp: AmpMode, device: torch.device) -> AmpMode:
+    """The mixed precision a run really uses on ``device``.
+
+    ``"auto"``: bf16 where the device runs it natively (an Ampere+ GPU, or a CPU with AVX512-BF16 /
+    AMX / Arm BF16), fp16 on older GPUs, otherwise none. An explicit ``"fp16"`` off CUDA and an
+    explicit ``"bf16"`` on a CPU that would only emulate it fall back to ``"none"`` with a warning.
+    """
+    from ..speed import bf16_supported
+
+    device = torch.device(device)
+    if amp == "auto":
+        if bf16_supported(device):
+            return "bf16"
+        return "fp16" if device.type == "cuda" else "none"
+    if amp == "fp16" and device.type != "cuda":
+        logger.warning("train.amp=fp16 needs a CUDA device; training in fp32 on %s (use bf16 on CPU)", device)
+        return "none"
+    if amp == "bf16" and device.type == "cpu" and not bf16_supported(device):
+        logger.warning("train.amp=bf16: this CPU has no native bf16 (AVX512-BF16/AMX), so it would be "
+                       "emulated and slower than fp32; training in fp32 (train.amp=auto picks for you)")
+        return "none"
+    return amp
+
+
 def autocast_context(device: torch.device, amp: AmpMode) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``amp`` ("fp16"/"bf16") on ``device``, or a null context."""
     if amp == "none":
@@ -121,7 +145,8 @@ class Trainer:
         start_iter: first iteration to run (the number already completed, when resuming).
         hooks: hooks called in order.
         device: where batches are moved (anything with ``.to(device)``).
-        amp: "none", "fp16" (CUDA only; uses a GradScaler) or "bf16" (CUDA or CPU).
+        amp: "none", "fp16" (CUDA only; uses a GradScaler), "bf16" (CUDA or CPU), or "auto"
+            (see :func:`resolve_amp`).
         clip_grad_norm: max global gradient norm; 0 disables clipping.
         ema: optional :class:`ModelEMA`, updated after every optimizer step.
         loss_fn: ``(model, batch) -> dict of losses``; defaults to the detection call.
@@ -149,10 +174,9 @@ class Trainer:
         self.start_iter = int(start_iter)
         self.iter = self.start_iter
         self.device = torch.device(device)
-        if amp == "fp16" and self.device.type != "cuda":
-            logger.warning("train.amp=fp16 needs a CUDA device; training in fp32 on %s (use bf16 on CPU)", self.device)
-            amp = "none"
-        self.amp: AmpMode = amp
+        self.amp: AmpMode = resolve_amp(amp, self.device)
+        if amp == "auto":
+            logger.info("train.amp=auto: %s on %s", "fp32" if self.amp == "none" else self.amp, self.device.type)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
         self.clip_grad_norm = float(clip_grad_norm)
         self.ema = ema
