@@ -57,9 +57,10 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=8, help="how many coco128 images (default 8)")
-    p.add_argument("--iters", type=int, default=600, help="training iterations (default 600)")
+    p.add_argument("--iters", type=int, default=500, help="training iterations (default 500)")
     p.add_argument("--eval-period", type=int, default=100, help="evaluate every N iterations (default 100)")
-    p.add_argument("--size", type=int, default=448, help="shortest edge, train and test (default 448)")
+    p.add_argument("--size", type=int, default=384, help="shortest edge, train and test (default 384)")
+    p.add_argument("--batch", type=int, default=2, help="images per step (default 2)")
     p.add_argument("--arch", choices=("faster_rcnn", "mask_rcnn"), default="faster_rcnn")
     p.add_argument("--target", type=float, default=50.0, help="bbox AP50 to reach (default 50)")
     p.add_argument("--output-dir", default=str(ROOT / "output" / "bench_overfit"))
@@ -84,15 +85,18 @@ def main() -> int:
         f"input.min_size_train={args.size}", f"input.max_size_train={args.size * 5 // 3}",
         f"input.min_size_test={args.size}", f"input.max_size_test={args.size * 5 // 3}",
         "input.hflip_prob=0.0", "dataloader.num_workers=0",
-        f"train.max_iters={args.iters}", "train.batch_size=4", "train.base_lr=0.02",
+        f"train.max_iters={args.iters}", f"train.batch_size={args.batch}", "train.base_lr=0.01",
         f"train.warmup_iters={warmup}", f"train.steps=[{int(args.iters * 0.8)}]",
         f"train.eval_period={args.eval_period}", f"train.checkpoint_period={args.iters}",
         "train.log_period=20", "train.num_vis_images=0", "train.amp=auto",
+        # fewer proposals than COCO's defaults: a handful of objects per image, and CPU time
+        "model.rpn.pre_nms_topk_train=1000", "model.rpn.post_nms_topk_train=500",
+        "model.rpn.pre_nms_topk_test=500", "model.rpn.post_nms_topk_test=300",
         "model.roi_heads.batch_size_per_image=128",
         *args.overrides,
     ]
     print(f"{n_img} images, {n_inst} instances of {n_cat} categories, {args.arch} R18-FPN from scratch, "
-          f"{args.size} px, {args.iters} iterations at batch 4; torch {torch.__version__}, "
+          f"{args.size} px, {args.iters} iterations at batch {args.batch}; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
     train_det = load_tool("train_det")
     t0 = time.perf_counter()
