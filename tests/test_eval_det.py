@@ -139,3 +139,39 @@ def test_eval_det_rejects_weights_of_another_class_count(shapes: dict, tmp_path:
     assert len(err) == 1 and "does not fit this config with 4 classes" in err[0]
     assert "roi_heads" in err[0]
     assert not (tmp_path / "o" / "metrics.json").exists()
+
+
+class RecordingEvaluator:
+    """Keeps what inference_on_dataset hands over; 'metrics' are the detection counts."""
+
+    def reset(self) -> None:
+        self.dets: dict[int, Detections] = {}
+
+    def process(self, image_ids, detections) -> None:
+        self.dets.update(zip(image_ids, detections))
+
+    def evaluate(self) -> dict[str, float]:
+        return {"num_detections": float(sum(len(d) for d in self.dets.values()))}
+
+
+def test_optimized_copy_gives_the_models_detections_and_leaves_it_untouched(shapes: dict) -> None:
+    from torchvision.ops import box_iou
+
+    from detkit.models.build import build_detector
+
+    cfg = _cfg(shapes, "model.roi_heads.score_thresh_test=0.0")
+    val = load_split(cfg, "val", is_train=False)
+    torch.manual_seed(0)
+    model = build_detector(cfg, val.num_classes).train()  # trainable BN, as during training
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plain, fast = RecordingEvaluator(), RecordingEvaluator()
+    inference_on_dataset(model, build_test_loader(cfg, val), plain, progress=False)
+    inference_on_dataset(model, build_test_loader(cfg, val), fast, progress=False, optimize=True)
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model.backbone.bottom_up.stem.bn1, nn.BatchNorm2d)  # not folded in place
+    assert plain.evaluate()["num_detections"] > 0
+    for image_id, ref in plain.dets.items():
+        det = fast.dets[image_id]
+        assert len(det) == len(ref)
+        iou = box_iou(det.boxes, ref.boxes).max(dim=1).values
+        assert (iou > 0.99).float().mean() >= 0.95  # folded BN / fused convs: float rounding only

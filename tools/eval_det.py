@@ -73,7 +73,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     model = load_detector(cfg, resolve_num_classes(cfg, val), args.weights, device)
 
     evaluator = build_evaluator(cfg, val)
-    metrics = inference_on_dataset(model, build_test_loader(cfg, val), evaluator, cfg.test.precision, device)
+    metrics = inference_on_dataset(model, build_test_loader(cfg, val), evaluator, cfg.test.precision, device,
+                                   optimize=True)  # the model detkit.Predictor runs
     if is_main_process():
         evaluator.write_results(out / "results.json")
         write_metrics_json(out / "metrics.json", metrics)

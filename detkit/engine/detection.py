@@ -166,7 +166,7 @@ def make_eval_fn(cfg: DetectionConfig, val: CocoData, model_fn: Callable[[], nn.
     evaluator = build_evaluator(cfg, val)
 
     def eval_fn() -> dict[str, float]:
-        return inference_on_dataset(model_fn(), loader, evaluator, cfg.test.precision, device)
+        return inference_on_dataset(model_fn(), loader, evaluator, cfg.test.precision, device, optimize=True)
 
     return eval_fn
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
 from typing import Any, Iterable, Literal, Optional
@@ -33,6 +34,7 @@ def inference_on_dataset(
     precision: Literal["fp32", "bf16"] = "fp32",
     device: Optional[torch.device] = None,
     progress: bool = True,
+    optimize: bool = False,
 ) -> dict[str, float]:
     """Predict every batch of ``data_loader`` and return ``evaluator.evaluate()``.
 
@@ -41,6 +43,11 @@ def inference_on_dataset(
     ``orig_size`` and pastes masks there, and ``evaluator.process(image_ids, detections)``
     receives them on the CPU. Unreadable images (``batch.skipped``) are counted over all
     processes and logged. The model's train/eval mode is restored afterwards.
+
+    ``optimize=True`` evaluates a copy made by :func:`detkit.speed.optimize_for_inference` in
+    ``precision`` (what :class:`detkit.Predictor` runs, so ``test.precision=bf16`` scores the same
+    bf16 model users deploy); the model itself is left untouched. Otherwise ``precision="bf16"``
+    is plain autocast on the model.
 
     Under ``torchrun`` every process must call this with its shard of the data
     (an inference sampler); the evaluator gathers, and the metrics are returned on rank 0
@@ -52,6 +59,13 @@ def inference_on_dataset(
     mask_threshold = float(getattr(net, "mask_threshold", 0.5))
     was_training = net.training
     net.eval()
+    if optimize:
+        from ..speed import optimize_for_inference
+
+        original, net = net, optimize_for_inference(copy.deepcopy(net), precision)
+        precision = "fp32"  # the copy holds bf16 weights itself: no autocast on top
+    else:
+        original = net
     evaluator.reset()
     skipped: list[str] = []
     num_images = 0
@@ -82,7 +96,7 @@ def inference_on_dataset(
     finally:
         if bar is not None:
             bar.close()
-        net.train(was_training)
+        original.train(was_training)
     elapsed = time.perf_counter() - t0
     counts = all_gather_object((num_images, skipped))
     n_total = sum(c[0] for c in counts)
