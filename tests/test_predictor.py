@@ -147,3 +147,25 @@ def test_clear_errors(tmp_path) -> None:
     path.write_text(yaml.safe_dump(no_names))
     with pytest.raises(ValueError, match="number of classes is unknown"):
         Predictor(path)
+
+
+def test_faster_rcnn_has_no_masks_and_batches(tmp_path) -> None:
+    faster = {"model": {**SMALL["model"], "meta_architecture": "faster_rcnn"}}
+    cfg_path, weights, model = _write(tmp_path, bias=-5.0, extra=faster)
+    assert not hasattr(model.roi_heads, "mask_head") or model.roi_heads.mask_head is None
+    pred = Predictor(cfg_path, weights=weights)
+    res = pred(_image())
+    assert len(res) > 0, "a background bias of -5 should leave detections"
+    assert res.masks is None
+    assert res.boxes.dtype == np.float32 and res.boxes.shape == (len(res), 4)
+    assert res.scores.dtype == np.float32 and res.scores.shape == (len(res),)
+    assert res.labels.dtype == np.int64 and res.labels.shape == (len(res),)
+    assert ((res.labels >= 0) & (res.labels < 3)).all()
+
+    batch = pred.predict([_image(), _image(120, 90, seed=1)])
+    assert len(batch) == 2
+    for r, (h, w) in zip(batch, [(150, 230), (120, 90)]):
+        assert r.masks is None
+        assert r.boxes.dtype == np.float32 and r.boxes.shape == (len(r), 4)
+        assert r.labels.dtype == np.int64 and r.labels.shape == (len(r),)
+        assert (r.boxes[:, [0, 2]] <= w).all() and (r.boxes[:, [1, 3]] <= h).all()

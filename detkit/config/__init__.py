@@ -5,7 +5,9 @@ relative to the file). Parents are deep-merged in order, then the file itself on
 top. Command-line overrides (``train.max_iters=100``) are applied last; values
 are parsed as YAML scalars or lists. The result is validated against
 :mod:`detkit.config.schema`: an unknown key names the key and the nearest valid
-one, a wrong type names the key and the expected type.
+one, a wrong value names the config key (never a pydantic-internal location such as a
+union member or list index) and the expected type in words (``int or list[int]``,
+``one of 'BN', 'GN'``, ``list of 3 floats``), an unknown architecture the nearest valid name.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ from __future__ import annotations
 import copy
 import difflib
 import os
+import types
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -34,6 +37,7 @@ __all__ = [
 ]
 
 BASE_KEY = "_base_"
+_UNION_ORIGINS = (Union, types.UnionType)
 
 
 class ConfigError(ValueError):
@@ -97,41 +101,132 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
     return out
 
 
+def _model_in(ann: Any) -> Optional[type[BaseModel]]:
+    """The pydantic model class an annotation holds: itself, or the model member of an Optional/Union."""
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    if get_origin(ann) in _UNION_ORIGINS:
+        for arg in get_args(ann):
+            model = _model_in(arg)
+            if model is not None:
+                return model
+    return None
+
+
 def _model_at(root: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The model class of the config section at ``loc`` (unwrapping Optional/Union), or None."""
     model: Any = root
     for part in loc:
         field = getattr(model, "model_fields", {}).get(part)
         if field is None:
             return None
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            model = ann
-        else:
+        model = _model_in(field.annotation)
+        if model is None:
             return None
     return model
 
 
-def _format_error(root: type[BaseModel], err: ValidationError, source: str) -> str:
-    msgs = []
+def _walk(root: type[BaseModel], loc: tuple) -> tuple[tuple[str, ...], Any, Optional[type[BaseModel]]]:
+    """Map a pydantic error location onto the config key it is about.
+
+    Returns ``(key parts, annotation of the last key, model class at the last key or None)``.
+    Parts that are not config keys are dropped: union-member tags pydantic inserts
+    (``int``, ``list[int]``) and list/tuple positions inside a value.
+    """
+    model: Optional[type[BaseModel]] = root
+    key: list[str] = []
+    ann: Any = None
+    for part in loc:
+        if model is None:  # inside a plain value (list item, tuple position): the key ends here
+            break
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:  # a union-member tag between a key and its section
+            continue
+        key.append(part)
+        ann = field.annotation
+        model = _model_in(ann)
+    return tuple(key), ann, model
+
+
+def _type_name(ann: Any) -> str:
+    """A readable name for an annotation: ``int or null``, ``one of 'a', 'b'``, ``list of 3 floats``."""
+    if ann is None or ann is type(None):
+        return "null"
+    origin, args = get_origin(ann), get_args(ann)
+    if origin in _UNION_ORIGINS:
+        members = [a for a in args if a is not type(None)]
+        names = [_type_name(a) for a in members] + (["null"] if len(members) < len(args) else [])
+        return " or ".join(names)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (list, set, frozenset) or ann in (list, set, frozenset):
+        return f"list[{_type_name(args[0])}]" if args else "list"
+    if origin is tuple or ann is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"list[{_type_name(args[0])}]"
+        if args and all(a == args[0] for a in args):
+            return f"list of {len(args)} {_type_name(args[0])}s"
+        return f"list [{', '.join(_type_name(a) for a in args)}]" if args else "list"
+    if origin is dict or ann is dict or _model_in(ann) is not None:
+        return "mapping"
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+# pydantic error types that mean "this value has the wrong type/shape" (reported as "expected T")
+_TYPE_ERRORS = {"missing", "too_short", "too_long", "literal_error", "is_instance_of", "model_type",
+                "model_attributes_type", "union_tag_invalid", "union_tag_not_found"}
+_MISSING = object()
+
+
+def _value_at(data: Any, key: tuple[str, ...]) -> Any:
+    for part in key:
+        if not isinstance(data, dict) or part not in data:
+            return _MISSING
+        data = data[part]
+    return data
+
+
+def _describe(key: tuple[str, ...], ann: Any, errors: list[dict], data: Optional[dict]) -> str:
+    """The message for one config key whose value failed validation (possibly several pydantic errors)."""
+    name = ".".join(key) or "<root>"
+    value = _value_at(data, key) if data is not None else _MISSING
+    got = repr(errors[0].get("input") if value is _MISSING else value)
+    custom = [e for e in errors if e["type"] == "value_error"]
+    if custom:  # a validator's own message (e.g. an unknown architecture) says it all
+        return f"config key {name!r}: {str(custom[0]['msg']).removeprefix('Value error, ')}"
+    kind = errors[0]["type"]
+    if len(errors) == 1 and kind not in _TYPE_ERRORS and not kind.endswith(("_type", "_parsing")):
+        msg = str(errors[0]["msg"])  # right type, out of range (e.g. freeze_at=9)
+        return f"config key {name!r}: {msg[:1].lower() + msg[1:]}, got {got}"
+    expected = _type_name(ann) if key else "mapping"
+    return f"config key {name!r}: expected {expected}, got {got}"
+
+
+def _format_error(root: type[BaseModel], err: ValidationError, source: str, data: Optional[dict] = None) -> str:
+    """One ``; ``-separated line with one entry per config key at fault.
+
+    ``data`` (the validated input) lets a message show a key's whole value rather than the
+    list item or union member pydantic happened to reject.
+    """
+    entries: list[Union[str, tuple[str, ...]]] = []  # messages, or keys whose message comes later
+    wrong: dict[tuple[str, ...], tuple[Any, list[dict]]] = {}  # key -> (annotation, its errors)
     for e in err.errors():
         loc = tuple(e["loc"])
-        key = ".".join(str(p) for p in loc)
         if e["type"] == "extra_forbidden":
-            parent = _model_at(root, loc[:-1])
+            parent_key, _, parent = _walk(root, loc[:-1])
             valid = list(parent.model_fields) if parent is not None else []
             close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
-            hint = f"; did you mean {'.'.join(map(str, loc[:-1] + (close[0],)))!r}?" if close else ""
+            hint = f"; did you mean {'.'.join(parent_key + (close[0],))!r}?" if close else ""
             if not close and valid:
                 hint = f"; valid keys here: {', '.join(valid)}"
-            msgs.append(f"unknown config key {key!r}{hint}")
-        else:
-            parent = _model_at(root, loc[:-1])
-            expected = ""
-            if parent is not None and loc and str(loc[-1]) in parent.model_fields:
-                ann = parent.model_fields[str(loc[-1])].annotation
-                expected = f" (expected {getattr(ann, '__name__', None) or str(ann).replace('typing.', '')})"
-            got = e.get("input")
-            msgs.append(f"config key {key!r}: {e['msg']}{expected}, got {got!r}")
+            entries.append(f"unknown config key {'.'.join(parent_key + (str(loc[-1]),))!r}{hint}")
+            continue
+        key, ann, _ = _walk(root, loc)
+        if key not in wrong:  # a union reports each member's failure: one entry per key
+            wrong[key] = (ann, [])
+            entries.append(key)
+        wrong[key][1].append(e)
+    msgs = [x if isinstance(x, str) else _describe(x, *wrong[x], data) for x in entries]
     return f"{source}: " + "; ".join(msgs)
 
 
@@ -145,7 +240,7 @@ def config_from_dict(data: dict, source: str = "config") -> Config:
     try:
         return root.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_format_error(root, e, source)) from None
+        raise ConfigError(_format_error(root, e, source, data)) from None
 
 
 def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = None) -> Config:

@@ -7,11 +7,37 @@ default) and :class:`ClassificationConfig` (``task: classification``, used by
 
 from __future__ import annotations
 
+import difflib
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 NormName = Literal["BN", "FrozenBN", "GN", "SyncBN", ""]
+
+# The ResNet variants detkit builds (torchvision naming). The layering forbids ``config`` from
+# importing ``models``, so this repeats the keys of ``detkit.models.backbones.resnet.ARCHS``;
+# tests/test_config.py asserts the two stay equal.
+RESNET_ARCHS: tuple[str, ...] = (
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+)
+
+
+def check_arch(name: str) -> str:
+    """``name`` if it is one of :data:`RESNET_ARCHS`, else ValueError naming the nearest valid name."""
+    if name in RESNET_ARCHS:
+        return name
+    close = difflib.get_close_matches(str(name), RESNET_ARCHS, n=1, cutoff=0.6)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    raise ValueError(f"unknown architecture {name!r}; {hint}valid names: {', '.join(RESNET_ARCHS)}")
 
 
 class _Strict(BaseModel):
@@ -20,13 +46,20 @@ class _Strict(BaseModel):
 
 # --------------------------------------------------------------------------- model
 class BackboneConfig(_Strict):
-    name: str = "resnet50"  # torchvision naming: resnet18 ... wide_resnet101_2
+    name: str = "resnet50"  # one of RESNET_ARCHS (torchvision naming: resnet18 ... wide_resnet101_2)
     norm: NormName = "FrozenBN"
-    freeze_at: int = Field(2, ge=0, le=5)  # 0: nothing; 1: stem; k: stem + first k-1 stages
+    # Detectron2's FREEZE_AT numbering: 0 freezes nothing, 1 the stem, k >= 2 the stem and res2..res{k}
+    # (2, the default, freezes stem + res2; 5 freezes the whole backbone)
+    freeze_at: int = Field(2, ge=0, le=5)
     stride_in_1x1: bool = False  # True for Caffe2/MSRA weights
     zero_init_residual: bool = False
     out_features: list[str] = ["res2", "res3", "res4", "res5"]
     weights: Optional[str] = None  # pretrained classification weights (any load_weights format)
+
+    @field_validator("name")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return check_arch(v)
 
 
 class FPNConfig(_Strict):
@@ -139,6 +172,9 @@ class DataConfig(_Strict):
     val: SplitConfig = SplitConfig()
     filter_empty: bool = True  # drop training images without usable annotations
     class_names: Optional[list[str]] = None  # used when no annotations file is given (inference)
+    # the dataset's category id of each contiguous label, recorded by train_det so tools can write
+    # COCO results (``category_id``) without the annotations file
+    category_ids: Optional[list[int]] = None
 
 
 class InputConfig(_Strict):
@@ -206,11 +242,16 @@ class DetectionConfig(_Strict):
 
 # --------------------------------------------------------------------------- classification
 class ClsModelConfig(_Strict):
-    arch: str = "resnet18"
+    arch: str = "resnet18"  # one of RESNET_ARCHS
     num_classes: Optional[int] = None  # None: number of class folders
     norm: NormName = "BN"
     zero_init_residual: bool = True
     weights: Optional[str] = None
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        return check_arch(v)
 
 
 class ClsInputConfig(_Strict):
@@ -231,7 +272,7 @@ class ClsTrainConfig(_Strict):
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     warmup_epochs: float = 5.0
-    amp: Literal["none", "fp16", "bf16", "auto"] = "none"
+    amp: Literal["none", "fp16", "bf16", "auto"] = "auto"  # auto: bf16 where native, fp16 on old GPUs, else fp32
     seed: int = 42
     log_period: int = 20
 

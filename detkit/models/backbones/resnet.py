@@ -233,11 +233,14 @@ class ResNet(nn.Module):
                             norm.weight.zero_()
 
     def freeze(self, freeze_at: int) -> "ResNet":
-        """Freeze the stem (``freeze_at >= 1``) and res2..res{freeze_at} (``freeze_at >= 2``).
+        """Freeze the first ``freeze_at`` parts of the backbone, numbered as Detectron2's FREEZE_AT.
 
-        Frozen parameters get ``requires_grad = False`` and their BatchNorms are
-        replaced by :class:`FrozenBatchNorm2d`, so ``train()`` cannot change their
-        statistics. ``0`` freezes nothing. Returns ``self``.
+        ``0`` freezes nothing, ``1`` the stem, ``k >= 2`` the stem and res2..res{k} (so ``2``,
+        the build_resnet/config default, freezes stem + res2; ``5`` the whole body).
+
+        Frozen parameters get ``requires_grad = False`` and their BatchNorms are replaced by
+        :class:`FrozenBatchNorm2d`, so ``train()`` cannot change their statistics.
+        Returns ``self``.
         """
         if not 0 <= freeze_at <= 5:
             raise ValueError(f"freeze_at must be in [0, 5], got {freeze_at}")
@@ -274,7 +277,8 @@ def build_resnet(
 ) -> ResNet:
     """Build a named ResNet variant (torchvision names, e.g. ``resnet50``, ``resnext101_32x8d``).
 
-    ``freeze_at``: 0 nothing frozen, 1 stem, k >= 2 stem and res2..res{k}.
+    ``freeze_at`` follows Detectron2's FREEZE_AT numbering: 0 freezes nothing, 1 the stem,
+    k >= 2 the stem and res2..res{k} (default 2: stem + res2); see :meth:`ResNet.freeze`.
     Raises ValueError for an unknown name.
     """
     if name not in ARCHS:
