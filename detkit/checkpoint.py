@@ -6,7 +6,11 @@
   classification and detection state dicts, converts their keys, aligns key
   prefixes with the target model (e.g. a classifier's ``backbone.*`` onto a
   detector's ``backbone.bottom_up.*``), loads what fits and returns a
-  :class:`LoadReport` instead of failing deep inside ``load_state_dict``.
+  :class:`LoadReport` instead of failing deep inside ``load_state_dict``. From a detkit
+  training checkpoint with an ``ema`` entry (``last.pth``, ``best.pth`` of a run with EMA)
+  it loads the EMA weights, the ones the run's own evaluation scored.
+* :func:`compare_state_dict` checks a state dict against a model key by key (strict, no
+  conversion), e.g. before ``--resume``; :meth:`LoadReport.problems` says what does not fit.
 """
 
 from __future__ import annotations
@@ -18,12 +22,19 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CheckpointError", "LoadReport", "save_checkpoint", "load_checkpoint", "load_weights"]
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_weights",
+    "compare_state_dict",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -126,6 +137,8 @@ class LoadReport:
             tensors whose shapes differ; not loaded, the model keeps its initialization.
         source: file path, or ``"<state dict>"``.
         prefix_map: ``(checkpoint prefix, model prefix)`` used to align keys.
+        weights: which weights of the source were used: ``"model"``, or ``"ema"`` for the
+            EMA weights of a detkit training checkpoint (also said in ``source_format``).
     """
 
     source_format: str
@@ -136,6 +149,36 @@ class LoadReport:
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     source: str = "<state dict>"
     prefix_map: tuple[str, str] = ("", "")
+    weights: str = "model"
+
+    @property
+    def fits(self) -> bool:
+        """True when every model tensor was loaded and the checkpoint had no unknown tensor."""
+        return not (self.missing or self.mismatched or self.unexpected)
+
+    def problems(self, max_items: int = 10, include: Sequence[str] = ("mismatched", "missing", "unexpected",
+                                                                        "dropped")) -> str:
+        """One line naming what does not fit: shape mismatches (with both shapes), model tensors missing
+        from the checkpoint and checkpoint tensors the model does not have; each list shows its first
+        ``max_items`` keys and "and N more". Empty when nothing in ``include`` is wrong."""
+
+        def listed(items: list[str]) -> str:
+            more = f", and {len(items) - max_items} more" if len(items) > max_items else ""
+            return ", ".join(items[:max_items]) + more
+
+        parts = []
+        if "mismatched" in include and self.mismatched:
+            parts.append(f"{len(self.mismatched)} tensor(s) differ in shape: " + listed(
+                [f"{k} (checkpoint {tuple(cs)} vs model {tuple(ms)})" for k, cs, ms in self.mismatched]))
+        if "missing" in include and self.missing:
+            parts.append(f"{len(self.missing)} model tensor(s) missing from the checkpoint: {listed(self.missing)}")
+        if "unexpected" in include and self.unexpected:
+            parts.append(f"{len(self.unexpected)} checkpoint tensor(s) unknown to the model: "
+                         f"{listed(self.unexpected)}")
+        if "dropped" in include and self.dropped:
+            parts.append(f"{len(self.dropped)} checkpoint tensor(s) of modules the model does not have: "
+                         f"{listed(self.dropped)}")
+        return "; ".join(parts)
 
     def summary(self, max_items: int = 8) -> str:
         """Readable multi-line summary; long key lists are grouped by module."""
@@ -185,14 +228,30 @@ def _split_tensors(sd: Mapping[str, Any]) -> tuple[dict[str, Tensor], list[str]]
     return tensors, others
 
 
-def _detect_and_convert(obj: Mapping[str, Any], source: str) -> tuple[str, dict[str, Tensor], list[str]]:
-    """Return (format, detkit-named state dict, non-tensor keys)."""
+def _ema_weights(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The EMA state dict of a detkit training checkpoint (``{"model": sd, "ema": {"model": sd, ...}}``)."""
+    ema = obj.get("ema")
+    if isinstance(obj.get("model"), Mapping) and isinstance(ema, Mapping) and isinstance(ema.get("model"), Mapping):
+        if any(isinstance(v, Tensor) for v in ema["model"].values()):
+            return ema["model"]
+    return None
+
+
+def _detect_and_convert(
+    obj: Mapping[str, Any], source: str, prefer_ema: bool = True
+) -> tuple[str, dict[str, Tensor], list[str], str]:
+    """Return (format, detkit-named state dict, non-tensor keys, "model" or "ema")."""
     wrapper = ""
+    used = "model"
     sd: Mapping[str, Any] = obj
-    for key in ("model", "state_dict"):
-        if isinstance(obj.get(key), Mapping):
-            sd, wrapper = obj[key], "training checkpoint"
-            break
+    ema_sd = _ema_weights(obj) if prefer_ema else None
+    if ema_sd is not None:
+        sd, wrapper, used = ema_sd, "training checkpoint, EMA weights", "ema"
+    else:
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), Mapping):
+                sd, wrapper = obj[key], "training checkpoint"
+                break
     tensors, others = _split_tensors(sd)
     if not tensors:
         raise CheckpointError(
@@ -221,7 +280,7 @@ def _detect_and_convert(obj: Mapping[str, Any], source: str) -> tuple[str, dict[
         fmt = FMT_DETKIT
     if wrapper:
         fmt = f"{fmt} ({wrapper})"
-    return fmt, tensors, others
+    return fmt, tensors, others, used
 
 
 # --------------------------------------------------------------------------- prefix alignment
@@ -275,12 +334,18 @@ def _is_step_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
-def load_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]) -> LoadReport:
+def load_weights(
+    model: nn.Module, source: Union[PathLike, Mapping[str, Any]], *, prefer_ema: bool = True
+) -> LoadReport:
     """Load weights from a file or a dict into ``model`` and report what happened.
 
     ``source`` may be a detkit training checkpoint (``{"model": sd, ...}``), a detkit
     state dict, or a torchvision classification / detection state dict (also inside
-    ``{"model": ...}``). Keys are converted to detkit names, then one prefix swap
+    ``{"model": ...}``). A detkit training checkpoint of a run with EMA (``"ema":
+    {"model": sd, ...}``) gives its EMA weights, which are what the run evaluated and
+    scored, unless ``prefer_ema=False``; ``report.weights`` and ``report.source_format``
+    say which were used (resuming training restores both, see
+    :func:`detkit.engine.restore_training_state`). Keys are converted to detkit names, then one prefix swap
     aligning the checkpoint with the model is chosen automatically (most same-shaped
     matches), and remaining exact-name matches are also used. Same-named tensors with
     different shapes are not loaded (reported in ``mismatched``); ``model`` keeps its
@@ -290,7 +355,7 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]) -
         name, obj = "<state dict>", source
     else:
         name, obj = str(source), load_checkpoint(source)
-    fmt, ckpt, non_tensor = _detect_and_convert(obj, name)
+    fmt, ckpt, non_tensor, used = _detect_and_convert(obj, name, prefer_ema)
 
     model_sd = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_sd.items()}
@@ -298,7 +363,7 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]) -
     # first components of model keys under the aligned root: the modules the model has there
     roots = {k[len(pm):].split(".")[0] for k in model_shapes if k.startswith(pm)}
 
-    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm))
+    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm), weights=used)
     to_load: dict[str, Tensor] = {}
     taken: set[str] = set()
     leftovers: list[str] = []
@@ -343,4 +408,29 @@ def load_weights(model: nn.Module, source: Union[PathLike, Mapping[str, Any]]) -
     except RuntimeError as e:  # should not happen: names and shapes were checked
         raise CheckpointError(f"loading {name} failed: {str(e).splitlines()[0]}") from None
     assert not result.unexpected_keys, result.unexpected_keys
+    return report
+
+
+def compare_state_dict(model: nn.Module | Mapping[str, Tensor], state_dict: Mapping[str, Any],
+                       source: str = "<state dict>") -> LoadReport:
+    """What a strict ``model.load_state_dict(state_dict)`` would find, by exact key, without loading.
+
+    ``loaded`` are the keys that fit, ``missing`` the model keys absent from ``state_dict``,
+    ``unexpected`` its keys unknown to the model, ``mismatched`` same-named tensors of
+    another shape. ``model`` may also be a state dict. Use :meth:`LoadReport.problems`
+    for a one-line description when ``not report.fits``.
+    """
+    model_sd = model.state_dict() if isinstance(model, nn.Module) else model
+    report = LoadReport(source_format=FMT_DETKIT, source=source)
+    for k, v in model_sd.items():
+        if k not in state_dict:
+            report.missing.append(k)
+            continue
+        c = state_dict[k]
+        cs = tuple(c.shape) if isinstance(c, Tensor) else ()
+        if isinstance(c, Tensor) and cs == tuple(v.shape):
+            report.loaded.append(k)
+        else:
+            report.mismatched.append((k, cs, tuple(v.shape)))
+    report.unexpected = [str(k) for k in state_dict if k not in model_sd]
     return report

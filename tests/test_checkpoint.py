@@ -168,3 +168,44 @@ def test_torchvision_detection_uses_lazy_converter(monkeypatch: pytest.MonkeyPat
     assert calls and report.source_format == "torchvision detection"
     assert report.loaded == ["backbone.bottom_up.stem.conv1.weight"]
     assert torch.all(det.backbone.bottom_up.stem.conv1.weight == 1)
+
+
+def test_training_checkpoint_with_ema_loads_the_ema_weights(tmp_path: Path) -> None:
+    src = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    raw = {k: v.clone() for k, v in src.state_dict().items()}
+    ema = {k: (v + 1.0 if v.is_floating_point() else v.clone()) for k, v in raw.items()}
+    path = save_checkpoint({"model": raw, "optimizer": {}, "iteration": 5, "config": {},
+                            "ema": {"model": ema, "updates": 5, "decay": 0.99}}, tmp_path / "best.pth")
+    dst = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    report = load_weights(dst, path)
+    assert report.weights == "ema" and report.source_format == "detkit (training checkpoint, EMA weights)"
+    assert "EMA weights" in report.summary()
+    assert torch.equal(dst[0].weight, ema["0.weight"]) and torch.equal(dst[1].running_var, ema["1.running_var"])
+    assert report.fits and len(report.loaded) == len(raw)
+    report = load_weights(dst, path, prefer_ema=False)  # the raw (last optimizer step) weights on request
+    assert report.weights == "model" and report.source_format == "detkit (training checkpoint)"
+    assert torch.equal(dst[0].weight, raw["0.weight"])
+    # without EMA (ema: None, as saved by a run with train.ema=false) the model entry is used
+    save_checkpoint({"model": raw, "ema": None, "iteration": 5}, tmp_path / "last.pth")
+    assert load_weights(dst, tmp_path / "last.pth").weights == "model"
+
+
+def test_compare_state_dict_and_problems_line() -> None:
+    from detkit.checkpoint import compare_state_dict
+
+    model = nn.Sequential(*[nn.Linear(2, 2) for _ in range(12)])
+    sd = {k: torch.zeros(3, 2) if k.endswith("weight") else v for k, v in model.state_dict().items()}
+    del sd["11.bias"]
+    sd["extra.weight"] = torch.zeros(1)
+    report = compare_state_dict(model, sd, "x.pth")
+    assert not report.fits and report.source == "x.pth"
+    assert len(report.mismatched) == 12 and report.missing == ["11.bias"] and report.unexpected == ["extra.weight"]
+    assert len(report.loaded) == 11
+    line = report.problems()
+    assert "\n" not in line
+    assert line.startswith("12 tensor(s) differ in shape: 0.weight (checkpoint (3, 2) vs model (2, 2)), ")
+    assert "9.weight (checkpoint (3, 2) vs model (2, 2)), and 2 more;" in line and "10.weight" not in line
+    assert "1 model tensor(s) missing from the checkpoint: 11.bias" in line
+    assert "1 checkpoint tensor(s) unknown to the model: extra.weight" in line
+    assert compare_state_dict(model, model.state_dict()).fits
+    assert compare_state_dict(model, model.state_dict()).problems() == ""

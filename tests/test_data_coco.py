@@ -201,6 +201,64 @@ def test_undefined_ids_raise(tmp_path: Path, key: str, value: int, named: str) -
     assert "annotation id 2" in msg and named in msg and str(p) in msg and "\n" not in msg
 
 
+@pytest.mark.parametrize("key", ["category_id", "image_id"])
+@pytest.mark.parametrize("value", ["abc", None, 1.5, "10", True])
+def test_non_integer_ids_raise_one_line(tmp_path: Path, key: str, value: Any) -> None:
+    data = _base_dataset(tmp_path)
+    data["annotations"][1][key] = value
+    p = _write(tmp_path, data)
+    with pytest.raises(DatasetError) as e:
+        load_coco(p, tmp_path / "images", filter_empty=True, is_train=True)
+    msg = str(e.value)
+    assert "annotation id 2" in msg and f"{key} {json.dumps(value)}" in msg and "not an integer" in msg
+    assert str(p) in msg and "\n" not in msg
+
+
+def test_integral_float_ids_are_accepted(tmp_path: Path) -> None:
+    data = _base_dataset(tmp_path)
+    data["annotations"][0]["category_id"] = 7.0
+    data["annotations"][0]["image_id"] = 10.0
+    d = load_coco(_write(tmp_path, data), tmp_path / "images", filter_empty=True, is_train=True)
+    assert d.records[0].image_id == 10 and d.records[0].ann_ids[0] == 1 and d.records[0].labels[0] == 1
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("id", None, 'images[1] (id null, file_name "1.png") has id null, which is not an integer id'),
+    ("id", "abc", 'has id "abc", which is not an integer id'),
+    ("id", 2.5, "has id 2.5, which is not an integer id"),
+    ("id", "<missing>", "images[1] (file_name \"1.png\") lacks required key(s) ['id']"),
+    ("file_name", "<missing>", "images[1] (id 11) lacks required key(s) ['file_name']"),
+    ("file_name", None, "images[1] (id 11, file_name null) has file_name null"),
+    ("file_name", "", 'has file_name ""'),
+    ("width", 0, "images[1] (id 11, file_name \"1.png\") has width 0; image sizes must be positive"),
+    ("height", -5, "has height -5; image sizes must be positive"),
+    ("width", "abc", 'has width "abc"'),
+    ("height", None, "has height null"),
+])
+def test_bad_image_entries_raise_one_line(tmp_path: Path, field: str, value: Any, expected: str) -> None:
+    data = _base_dataset(tmp_path)
+    if value == "<missing>":
+        del data["images"][1][field]
+    else:
+        data["images"][1][field] = value
+    p = _write(tmp_path, data)
+    with pytest.raises(DatasetError) as e:
+        load_coco(p, tmp_path / "images", filter_empty=True, is_train=True)
+    msg = str(e.value)
+    assert expected in msg and str(p) in msg and "\n" not in msg
+
+
+def test_non_integer_annotation_and_category_ids_raise(tmp_path: Path) -> None:
+    data = _base_dataset(tmp_path)
+    data["annotations"][2]["id"] = "x3"
+    with pytest.raises(DatasetError, match=r'annotations\[2\] has id "x3", which is not an integer id'):
+        load_coco(_write(tmp_path, data), tmp_path / "images", filter_empty=True, is_train=True)
+    data = _base_dataset(tmp_path)
+    data["categories"][1]["id"] = None
+    with pytest.raises(DatasetError, match=r'categories\[1\] \(name "three"\) has id null'):
+        load_coco(_write(tmp_path, data), tmp_path / "images", filter_empty=True, is_train=True)
+
+
 def test_file_errors(tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="not found") as e:
         load_coco(tmp_path / "missing.json", tmp_path, filter_empty=True, is_train=True)

@@ -212,6 +212,94 @@ def test_resume_rejects_other_architecture(tmp_path: Path) -> None:
         restore_training_state(tmp_path / "checkpoints" / "last.pth", other, torch.optim.SGD(other.parameters(), 0.1))
 
 
+class WideToyModel(ToyModel):
+    """ToyModel with 3 outputs: the same architecture with another 'class count'."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(4, 3)
+        self.bn = nn.BatchNorm1d(3)
+
+
+def test_resume_with_another_class_count_names_the_keys(tmp_path: Path, capsys) -> None:
+    t = make_trainer(tmp_path, max_iters=2, period=0)
+    t.train()
+    last = tmp_path / "checkpoints" / "last.pth"
+    wide = WideToyModel()
+
+    def resume(argv):
+        restore_training_state(last, wide, torch.optim.SGD(wide.parameters(), 0.1))
+
+    assert run_cli(resume, []) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {last}: cannot resume") and "Traceback" not in err[0]
+    msg = err[0]
+    assert "tensor(s) differ in shape" in msg
+    for key in ("lin.weight (checkpoint (2, 4) vs model (3, 4))", "lin.bias", "bn.weight", "bn.running_mean"):
+        assert key in msg, key
+    assert "another architecture or class count" in msg and f"model.weights={last}" in msg
+    assert "--resume" in msg
+
+
+def test_resume_lists_missing_and_unexpected_keys(tmp_path: Path) -> None:
+    from detkit.checkpoint import CheckpointError
+
+    t = make_trainer(tmp_path, max_iters=1, period=0)
+    t.train()
+    other = nn.Sequential(nn.Linear(4, 2))
+    with pytest.raises(CheckpointError) as e:
+        restore_training_state(tmp_path / "checkpoints" / "last.pth", other, torch.optim.SGD(other.parameters(), 0.1))
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert "2 model tensor(s) missing from the checkpoint: 0.weight, 0.bias" in msg
+    assert "checkpoint tensor(s) unknown to the model: lin.weight, lin.bias, bn.weight" in msg
+
+
+class _FakeEval(LRScheduler.__mro__[1]):  # HookBase: puts a metric like EvalHook, improving then worse
+    def __init__(self, values: dict[int, float]) -> None:
+        self.values = values
+
+    def after_step(self) -> None:
+        completed = self.trainer.iter + 1
+        if completed in self.values:
+            self.trainer.storage.put_eval({"bbox/AP": self.values[completed]}, completed)
+
+
+def test_best_checkpoint_holds_full_training_state_and_ema(tmp_path: Path) -> None:
+    from detkit.checkpoint import load_weights
+    from detkit.engine import BestCheckpointer
+
+    t = make_trainer(tmp_path, max_iters=6, period=2, ema=True)
+    next(h for h in t.hooks if isinstance(h, PeriodicCheckpointer)).scheduler_state = {"max_iters": 6}
+    t.register_hooks([_FakeEval({2: 10.0, 4: 30.0, 6: 20.0}), BestCheckpointer(tmp_path / "checkpoints")])
+    t.train()
+    ck_dir = tmp_path / "checkpoints"
+    best = load_checkpoint(ck_dir / "best.pth")
+    last = load_checkpoint(ck_dir / "last.pth")
+    assert set(last) <= set(best) and set(best) - set(last) == {"metric"}
+    assert set(best) >= {"model", "optimizer", "scaler", "scheduler", "iteration", "rng_states", "ema", "config"}
+    assert best["metric"] == {"bbox/AP": 30.0} and best["iteration"] == 4
+    assert best["scheduler"]["iteration"] == 4 and best["scheduler"]["max_iters"] == 6  # the periodic's schedule
+    assert best["config"] == {"a": 1} and best["ema"]["updates"] == 4
+    assert set(best["rng_states"][0]) >= {"python", "numpy", "torch"}
+    assert best["optimizer"]["state"]  # momentum buffers
+    assert not list(ck_dir.glob("*.tmp"))
+    # the raw and averaged weights differ; load_weights takes the EMA ones (what evaluation scored)
+    assert not torch.equal(best["model"]["lin.weight"], best["ema"]["model"]["lin.weight"])
+    fresh = ToyModel()
+    report = load_weights(fresh, ck_dir / "best.pth")
+    assert report.weights == "ema" and "EMA weights" in report.source_format
+    assert torch.equal(fresh.lin.weight, best["ema"]["model"]["lin.weight"])
+    # --resume from best.pth restores raw model, optimizer and EMA
+    model = ToyModel()
+    resumed = make_trainer(tmp_path / "r", max_iters=6, start_iter=4, period=0, ema=True, model=model)
+    ckpt = restore_training_state(ck_dir / "best.pth", model, resumed.optimizer, resumed.scaler, resumed.ema)
+    assert ckpt["iteration"] == 4
+    assert torch.equal(model.lin.weight, best["model"]["lin.weight"])
+    assert torch.equal(resumed.ema.module.lin.weight, best["ema"]["model"]["lin.weight"])
+    assert resumed.ema.updates == 4
+
+
 def test_empty_batches_are_skipped_and_counted(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = ToyModel()
@@ -233,6 +321,22 @@ def test_bf16_autocast_on_cpu_and_grad_clip(tmp_path: Path) -> None:
     # fp16 without CUDA falls back to fp32 instead of failing
     t16 = Trainer(model, build_sgd(model, 0.1), toy_data(1), 1, amp="fp16", loss_fn=scaled_loss)
     assert t16.amp == ("fp16" if torch.cuda.is_available() and t16.device.type == "cuda" else "none")
+
+
+def test_grad_scaler_follows_the_resolved_amp(monkeypatch) -> None:
+    import detkit.engine.trainer as trainer_mod
+
+    model = ToyModel()
+    # explicit fp16 on CPU resolves to fp32: no loss scaling
+    t = Trainer(model, build_sgd(model, 0.1), toy_data(1), 1, amp="fp16", device="cpu", loss_fn=scaled_loss)
+    assert t.amp == "none" and not t.scaler.is_enabled()
+    # auto (or anything) resolving to fp16, as on a pre-Ampere GPU: the scaler is on
+    monkeypatch.setattr(trainer_mod, "resolve_amp", lambda amp, device: "fp16")
+    t = Trainer(model, build_sgd(model, 0.1), toy_data(1), 1, amp="auto", device="cpu", loss_fn=scaled_loss)
+    assert t.amp == "fp16" and t.scaler.is_enabled()
+    monkeypatch.setattr(trainer_mod, "resolve_amp", lambda amp, device: "bf16")
+    t = Trainer(model, build_sgd(model, 0.1), toy_data(1), 1, amp="fp16", device="cpu", loss_fn=scaled_loss)
+    assert t.amp == "bf16" and not t.scaler.is_enabled()
 
 
 def test_amp_auto_follows_native_bf16_support(monkeypatch) -> None:
@@ -292,6 +396,19 @@ def test_metrics_jsonl_and_truncation_on_resume(tmp_path: Path) -> None:
     t2.train()
     iters = [json.loads(s)["iter"] for s in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert iters == [2, 4, 6]
+
+
+def test_progress_bar_shows_each_loss(tmp_path: Path) -> None:
+    from detkit.engine import ProgressBar
+
+    t = make_trainer(tmp_path, max_iters=3, period=0)
+    bar = ProgressBar()
+    seen = []
+    t.register_hooks([bar, _Record(lambda tr: seen.append(bar.bar.postfix))])
+    t.train()
+    assert bar.bar is None  # closed
+    assert seen[-1].startswith("loss=") and ", a=" in seen[-1] and ", b=" in seen[-1] and "lr=1.00e-01" in seen[-1]
+    assert "loss_a" not in seen[-1] and "total_loss" not in seen[-1]
 
 
 def test_run_cli_prints_one_line_for_user_errors(capsys) -> None:

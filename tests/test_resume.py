@@ -105,3 +105,37 @@ def test_resumed_loader_replays_the_same_batches(shapes: dict) -> None:
     full = ids(0, 6)
     assert ids(4, 2) == full[4:6]
     assert len({i for b in full for i in b}) > 2  # really shuffled over the dataset, not one batch repeated
+
+
+def test_resume_from_a_checkpoint_of_another_class_count_is_one_clear_line(shapes: dict, tmp_path: Path,
+                                                                         capsys) -> None:
+    import torch
+
+    from detkit.checkpoint import save_checkpoint
+    from detkit.engine import build_sgd, training_state
+    from detkit.models.build import build_detector
+
+    cfg = load_config(DEMO, _overrides(shapes))
+    out = tmp_path / "run"
+    last = out / "checkpoints" / "last.pth"
+    seven = build_detector(cfg, 7)  # the shapes data set has 4 classes
+    save_checkpoint(training_state(seven, build_sgd(seven, BASE_LR), 3), last)
+
+    spec = importlib.util.spec_from_file_location("train_det_tool", TOOL)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    argv = ["--config", str(DEMO), "--output-dir", str(out), "--resume"] + _overrides(shapes)
+    assert run_cli(tool.main, argv) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    err = [s for s in stderr.splitlines() if s.startswith("error:")]
+    assert len(err) == 1 and err[0].startswith(f"error: {last}: cannot resume, its weights do not fit this model")
+    four = build_detector(cfg, 4).state_dict()
+    mismatched = [k for k, v in seven.state_dict().items() if v.shape != four[k].shape]
+    assert any(k.startswith("roi_heads") for k in mismatched)
+    assert f"{len(mismatched)} tensor(s) differ in shape" in err[0]
+    for k in mismatched[:10]:
+        assert f"{k} (checkpoint {tuple(seven.state_dict()[k].shape)} vs model {tuple(four[k].shape)})" in err[0]
+    assert "another architecture or class count" in err[0] and f"model.weights={last}" in err[0]
+    assert torch.equal(load_checkpoint(last)["model"][mismatched[0]], seven.state_dict()[mismatched[0]])  # untouched
+    assert not (out / "metrics.json").exists()

@@ -13,6 +13,8 @@ ONE summary line on logger ``"detkit"``):
 * polygon with fewer than 3 points (or an odd number of coordinates): the polygon is
   dropped, and the annotation too when no polygon remains;
 * ``category_id`` or ``image_id`` not defined in the file: :class:`DatasetError`;
+* an id that is not an integer (string, null, 1.5), an image without a ``file_name`` or with a
+  non-positive ``width``/``height``: :class:`DatasetError` naming the entry and the field;
 * malformed JSON, missing file, missing keys: :class:`DatasetError` naming the file.
 """
 
@@ -147,6 +149,30 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+def _int_id(value: Any, path: PathLike, where: str, key: str) -> int:
+    """``value`` as an int id; a string, null, bool or non-integral number is a one-line DatasetError."""
+    ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+    if isinstance(value, bool) or not ok:
+        raise _fail(path, f"{where} has {key} {json.dumps(value)}, which is not an integer id; "
+                          f"COCO ids are JSON integers")
+    return int(value)
+
+
+def _positive_size(value: Any, path: PathLike, where: str, key: str) -> int:
+    """An image width/height: a positive number (int, or a float truncated like before)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or int(value) <= 0:
+        raise _fail(path, f"{where} has {key} {json.dumps(value)}; image sizes must be positive integers (pixels)")
+    return int(value)
+
+
+def _image_where(i: int, im: Any) -> str:
+    """``images[i]`` plus its id / file name when present, to find the entry in the file."""
+    if not isinstance(im, dict):
+        return f"images[{i}]"
+    named = [f"{k} {json.dumps(im[k])}" for k in ("id", "file_name") if k in im]
+    return f"images[{i}]" + (f" ({', '.join(named)})" if named else "")
+
+
 def _require(obj: dict, keys: Sequence[str], path: PathLike, where: str) -> None:
     if not isinstance(obj, dict):
         raise _fail(path, f"{where} must be a JSON object, got {type(obj).__name__}")
@@ -205,22 +231,28 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
     if not data["categories"]:
         raise _fail(path, "'categories' is empty; define at least one category")
 
+    names: dict[int, str] = {}
     for i, c in enumerate(data["categories"]):
         _require(c, ["id", "name"], path, f"categories[{i}]")
-    cat_ids = sorted({int(c["id"]) for c in data["categories"]})
+        names[_int_id(c["id"], path, f"categories[{i}] (name {json.dumps(c['name'])})", "id")] = str(c["name"])
+    cat_ids = sorted(names)
     if len(cat_ids) != len(data["categories"]):
         raise _fail(path, "duplicate category ids in 'categories'; ids must be unique")
-    names = {int(c["id"]): str(c["name"]) for c in data["categories"]}
     cat_to_label = {c: i for i, c in enumerate(cat_ids)}
 
     images: dict[int, dict] = {}
     for i, im in enumerate(data["images"]):
-        _require(im, ["id", "file_name", "width", "height"], path, f"images[{i}]")
-        if int(im["id"]) in images:
-            raise _fail(path, f"duplicate image id {im['id']} (images[{i}]); image ids must be unique")
-        if not (int(im["width"]) > 0 and int(im["height"]) > 0):
-            raise _fail(path, f"image id {im['id']} has width={im['width']} height={im['height']}; sizes must be positive")
-        images[int(im["id"])] = im
+        where = _image_where(i, im)
+        _require(im, ["id", "file_name", "width", "height"], path, where)
+        img_id = _int_id(im["id"], path, where, "id")
+        if img_id in images:
+            raise _fail(path, f"duplicate image id {img_id} (images[{i}]); image ids must be unique")
+        if not isinstance(im["file_name"], str) or not im["file_name"].strip():
+            raise _fail(path, f"{where} has file_name {json.dumps(im['file_name'])}; expected the image's path "
+                              "relative to the image folder")
+        for key in ("width", "height"):
+            _positive_size(im[key], path, where, key)
+        images[img_id] = im
 
     bad_size: list[int] = []
     outside: list[int] = []
@@ -229,10 +261,11 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
     crowd_per_image: dict[int, list[tuple]] = {i: [] for i in images}
     for i, ann in enumerate(data["annotations"]):
         _require(ann, ["id", "image_id", "category_id", "bbox"], path, f"annotations[{i}]")
-        aid = int(ann["id"])
-        if int(ann["category_id"]) not in cat_to_label:
+        aid = _int_id(ann["id"], path, f"annotations[{i}]", "id")
+        cat_id = _int_id(ann["category_id"], path, f"annotation id {aid} (annotations[{i}])", "category_id")
+        if cat_id not in cat_to_label:
             raise _fail(path, f"annotation id {aid} has category_id {ann['category_id']}, which is not defined in 'categories'")
-        img_id = int(ann["image_id"])
+        img_id = _int_id(ann["image_id"], path, f"annotation id {aid} (annotations[{i}])", "image_id")
         if img_id not in images:
             raise _fail(path, f"annotation id {aid} has image_id {ann['image_id']}, which is not defined in 'images'")
         bbox = ann["bbox"]
@@ -259,7 +292,7 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
                     continue
         elif seg is not None and not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
             raise _fail(path, f"annotation id {aid} has a segmentation that is neither polygons nor RLE")
-        entry = ((x1, y1, x2, y2), cat_to_label[int(ann["category_id"])], seg, aid)
+        entry = ((x1, y1, x2, y2), cat_to_label[cat_id], seg, aid)
         (crowd_per_image if ann.get("iscrowd", 0) else per_image)[img_id].append(entry)
 
     _warn_dropped(path, "zero, negative or NaN box size", bad_size)

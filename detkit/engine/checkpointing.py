@@ -7,6 +7,10 @@ A training checkpoint is a plain dict saved atomically with
 description and iteration), ``iteration`` (number of completed iterations),
 ``rng_states`` (python, numpy, torch and CUDA states of every process),
 ``ema`` (or None) and ``config`` (the resolved config as plain types).
+``last.pth`` (and the numbered copies) and ``best.pth`` all hold this full state;
+``best.pth`` adds ``metric`` (``{name: value}``). ``--resume`` restores the raw model
+*and* the EMA; :func:`detkit.load_weights` (evaluation, prediction, export,
+``model.weights``) takes the EMA weights when there are some.
 """
 
 from __future__ import annotations
@@ -109,10 +113,11 @@ def restore_training_state(
     The RNG state of this process's rank is restored (rank 0's when the world size changed).
 
     Raises:
-        CheckpointError: the file is unreadable or not a detkit training checkpoint.
-        RuntimeError: the weights do not fit the model (another architecture or class count).
+        CheckpointError (one line): the file is unreadable or not a detkit training checkpoint, or its
+            weights do not fit the model (another architecture or class count); the message lists the
+            mismatched, missing and unexpected keys.
     """
-    from ..checkpoint import CheckpointError
+    from ..checkpoint import CheckpointError, compare_state_dict
 
     ckpt = load_checkpoint(path)
     missing = [k for k in ("model", "optimizer", "iteration") if k not in ckpt]
@@ -121,15 +126,23 @@ def restore_training_state(
             f"{path}: not a detkit training checkpoint (missing {', '.join(missing)}); "
             "use model.weights to initialize from plain weights instead of --resume"
         )
+    net = unwrap_model(model)
+    report = compare_state_dict(net, ckpt["model"], str(path))
+    if not report.fits:
+        raise CheckpointError(_resume_mismatch_message(path, report.problems()))
     try:
-        unwrap_model(model).load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
+        net.load_state_dict(ckpt["model"])
+    except RuntimeError as e:  # names and shapes were checked; keep any other reason on one line
+        raise CheckpointError(_resume_mismatch_message(path, " ".join(str(e).split())[:500])) from None
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(
-            f"{path}: cannot resume, its weights do not fit this model ({' '.join(first[1:2]).strip()}); "
-            "resume with the config it was trained with, or start a new output directory"
+            f"{path}: cannot resume, its optimizer state does not fit this optimizer ({' '.join(str(e).split())}); "
+            "the parameter groups changed (e.g. train.weight_decay_norm/weight_decay_bias or frozen layers): "
+            "resume with the config it was trained with, or start a new output directory with "
+            f"model.weights={path} to fine-tune from its weights"
         ) from None
-    optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:
@@ -141,6 +154,14 @@ def restore_training_state(
     if rng:
         set_rng_state(rng[get_rank()] if len(rng) == get_world_size() else rng[0])
     return ckpt
+
+
+def _resume_mismatch_message(path: str | Path, problems: str) -> str:
+    return (
+        f"{path}: cannot resume, its weights do not fit this model: {problems}; this checkpoint is for "
+        "another architecture or class count: resume with the config it was trained with, or start a new "
+        f"output directory with model.weights={path} to fine-tune from it instead of --resume"
+    )
 
 
 class PeriodicCheckpointer(HookBase):
@@ -215,22 +236,48 @@ class PeriodicCheckpointer(HookBase):
 
 
 class BestCheckpointer(HookBase):
-    """Copies the model to ``checkpoints/best.pth`` when the eval metric improves (rank 0).
+    """Writes ``checkpoints/best.pth`` when the eval metric improves (rank 0).
+
+    ``best.pth`` holds the full training state, like ``last.pth`` (model, optimizer,
+    scaler, scheduler, iteration, RNG states, EMA, config and the extra entries), at the
+    evaluated iteration, plus ``metric``: ``{name: value}``. :func:`detkit.load_weights`
+    takes the EMA weights from it when the run has EMA (those are what was evaluated).
+    The RNG states are this process's only (the metric is known on rank 0 alone).
 
     Reads the metrics the :class:`~detkit.engine.hooks.EvalHook` just stored in
-    ``trainer.storage`` (register it after the EvalHook).
+    ``trainer.storage`` (register it after the EvalHook). ``config``, ``scheduler_state``
+    and ``extra`` default to those of a :class:`PeriodicCheckpointer` registered on the
+    same trainer.
     """
 
     def __init__(self, checkpoint_dir: str | Path, metric: str = "bbox/AP", mode: str = "max",
-                 config: Optional[dict] = None) -> None:
+                 config: Optional[dict] = None, scheduler_state: Optional[dict] = None,
+                 extra: Optional[Callable[[int], dict]] = None) -> None:
         if mode not in ("max", "min"):
             raise ValueError(f"mode must be 'max' or 'min', got {mode!r}")
         self.dir = Path(checkpoint_dir)
         self.metric = metric
         self.mode = mode
-        self.config = config or {}
+        self.config = config
+        self.scheduler_state = scheduler_state
+        self.extra = extra
         self.best: Optional[float] = None
         self._seen_iteration = -1
+
+    def _periodic(self) -> Optional[PeriodicCheckpointer]:
+        return next((h for h in self.trainer.hooks if isinstance(h, PeriodicCheckpointer)), None)
+
+    def _state(self, completed: int, value: float) -> dict[str, Any]:
+        t = self.trainer
+        periodic = self._periodic()
+        config = self.config if self.config is not None else (periodic.config if periodic else {})
+        sched = self.scheduler_state if self.scheduler_state is not None else (
+            periodic.scheduler_state if periodic else {})
+        extra_fn = self.extra if self.extra is not None else (periodic.extra if periodic else None)
+        extra = dict(extra_fn(completed)) if extra_fn is not None else {}
+        extra["metric"] = {self.metric: value}
+        return training_state(t.model, t.optimizer, completed, sched, t.scaler, t.ema, config,
+                              [get_rng_state()], extra=extra)
 
     def _maybe_save(self) -> None:
         st = self.trainer.storage
@@ -243,16 +290,8 @@ class BestCheckpointer(HookBase):
             return
         self.best = value
         if is_main_process():
-            t = self.trainer
-            model = t.ema.module if t.ema is not None else t.model
-            state = {
-                "model": unwrap_model(model).state_dict(),
-                "iteration": st.eval_iteration,
-                "metric": {self.metric: value},
-                "config": self.config,
-            }
             self.dir.mkdir(parents=True, exist_ok=True)
-            save_checkpoint(state, self.dir / "best.pth")
+            save_checkpoint(self._state(st.eval_iteration, value), self.dir / "best.pth")
             logger.info("New best %s = %.3f at iteration %d: saved %s", self.metric, value,
                         st.eval_iteration, self.dir / "best.pth")
 

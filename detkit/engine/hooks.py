@@ -240,8 +240,15 @@ def _fmt_seconds(s: float) -> str:
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
 
+def _short_loss_name(name: str) -> str:
+    """``loss_rpn_cls`` -> ``rpn_cls`` (progress bar labels)."""
+    return name[len("loss_"):] if name.startswith("loss_") and len(name) > len("loss_") else name
+
+
 class ProgressBar(HookBase):
-    """A tqdm bar on rank 0 with ETA, it/s, total loss and lr."""
+    """A tqdm bar on rank 0 with ETA, it/s, total loss, each loss (short names, e.g. ``rpn_cls``) and lr.
+
+    Losses are medians of the last 5 iterations, like the total."""
 
     def __init__(self, refresh_period: int = 1) -> None:
         self.refresh_period = max(refresh_period, 1)
@@ -266,6 +273,8 @@ class ProgressBar(HookBase):
             post = {}
             if "total_loss" in st.latest:
                 post["loss"] = f"{st.median('total_loss', 5):.3f}"
+            for k in sorted(k for k in st.latest if k.startswith("loss") and k != "loss"):
+                post.setdefault(_short_loss_name(k), f"{st.median(k, 5):.3f}")
             if "lr" in st.latest:
                 post["lr"] = f"{st.latest['lr'][0]:.2e}"
             self.bar.set_postfix(post, refresh=False)

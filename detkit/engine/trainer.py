@@ -177,7 +177,8 @@ class Trainer:
         self.amp: AmpMode = resolve_amp(amp, self.device)
         if amp == "auto":
             logger.info("train.amp=auto: %s on %s", "fp32" if self.amp == "none" else self.amp, self.device.type)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(amp == "fp16"))
+        # loss scaling follows the precision really used (auto may resolve to fp16; fp16 off CUDA to none)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=(self.amp == "fp16"))
         self.clip_grad_norm = float(clip_grad_norm)
         self.ema = ema
         self.loss_fn = loss_fn
