@@ -135,9 +135,17 @@ def test_eval_det_rejects_weights_of_another_class_count(shapes: dict, tmp_path:
             "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
             f"data.val.images={shapes['val_images']}"]
     assert run_cli(eval_det.main, argv) == 2
-    err = [s for s in capsys.readouterr().err.splitlines() if s.startswith("error:")]
-    assert len(err) == 1 and "does not fit this config with 4 classes" in err[0]
-    assert "roi_heads" in err[0]
+    stderr = capsys.readouterr().err
+    err = [s for s in stderr.splitlines() if s.startswith("error:")]
+    assert len(err) == 1 and "does not fit this config with 4 classes" in err[0] and str(ckpt) in err[0]
+    assert "Traceback" not in stderr
+    seven = build_detector(cfg, 7).state_dict()
+    mismatched = [k for k, v in build_detector(cfg, 4).state_dict().items() if v.shape != seven[k].shape]
+    assert mismatched and any(k.startswith("roi_heads") for k in mismatched)
+    assert f"{len(mismatched)} tensor(s) differ in shape" in err[0]
+    for k in mismatched[:10]:  # every mismatched key is named (at most 10, then "and N more")
+        assert f"{k} (checkpoint " in err[0], k
+    assert "another architecture or class count" in err[0]
     assert not (tmp_path / "o" / "metrics.json").exists()
 
 

@@ -82,3 +82,21 @@ def test_bad_inputs_give_one_line(tiny_config: Path, tmp_path: Path) -> None:
     if not torch.cuda.is_available():
         r = run_tool("--config", str(tiny_config), "--device", "cuda", cwd=tmp_path)
         assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1 and "CUDA" in r.stderr
+
+
+def test_missing_val_files_fall_back_to_random_images_missing_train_files_are_an_error(tmp_path: Path) -> None:
+    cfg = tmp_path / "nofiles.yaml"
+    data = ("train: {annotations: nope/train.json, images: nope/train}\n"
+            "  val: {annotations: nope/val.json, images: nope/val}\n  class_names: [a, b]")
+    cfg.write_text(TINY_CONFIG.format(data=data), encoding="utf-8")
+    # inference only: the val images are only samples -> random images, said in the output
+    r = run_tool("--config", str(cfg), "--skip-train", "--skip-data", "--iters", "1", "--warmup", "0", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert re.search(ROW.format(name="inference", unit="img/s"), r.stdout, re.M)
+    assert "random 96x128 images" in r.stdout
+    assert "note: data.val.annotations nope/val.json not found" in r.stdout
+    # the data-loader / training benchmarks need the training data: one line naming the file and the way out
+    for extra in ([], ["--skip-data"]):
+        r = run_tool("--config", str(cfg), "--iters", "1", *extra, cwd=tmp_path)
+        assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert "nope/train.json" in r.stderr and "--skip-train --skip-data" in r.stderr

@@ -204,3 +204,64 @@ def test_bad_inputs_give_one_line(setup: dict[str, Path], tmp_path: Path) -> Non
     r = run_tool("--config", str(setup["config"]), "--weights", str(tmp_path / "nope.pth"),
                  "--input", str(setup["images"] / "img0.png"), cwd=tmp_path)
     assert_one_line_error(r, "nope.pth")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under numpy 2
+def test_save_json_is_a_coco_results_file(setup: dict[str, Path], tmp_path: Path) -> None:
+    """category_id from the recorded data.category_ids (else label + 1); --coco-json gives the GT's image ids
+    and the file goes straight into pycocotools' loadRes / COCOeval."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    # without recorded ids: label + 1, image ids = position in the sorted folder
+    r = run_tool("--config", str(setup["config"]), "--weights", str(setup["weights"]), "--input",
+                 str(setup["images"]), "--save-json", str(tmp_path / "plain.json"), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "label + 1" in r.stderr
+    plain = json.loads((tmp_path / "plain.json").read_text(encoding="utf-8"))
+    assert plain and all(rec["category_id"] == rec["label"] + 1 for rec in plain)
+    assert {(rec["file_name"], rec["image_id"]) for rec in plain} == {("img0.png", 0), ("img1.png", 1)}
+
+    # recorded ids (as train_det writes them) and a GT file listing the images under other ids
+    cat_ids = [3, 7, 9]
+    cfg = tmp_path / "recorded.yaml"
+    cfg.write_text(TINY_CONFIG.replace("data:\n", f"data:\n  category_ids: {cat_ids}\n"), encoding="utf-8")
+    gt = {
+        "images": [{"id": 42, "file_name": "val/img0.png", "height": 96, "width": 128},
+                   {"id": 1001, "file_name": "img1.png", "height": 96, "width": 128},
+                   {"id": 5, "file_name": "other.png", "height": 96, "width": 128}],
+        "annotations": [{"id": 1, "image_id": 42, "category_id": 3, "bbox": [10, 10, 30, 30], "area": 900,
+                         "iscrowd": 0, "segmentation": [[10, 10, 40, 10, 40, 40, 10, 40]]}],
+        "categories": [{"id": c, "name": n} for c, n in zip(cat_ids, CLASSES)],
+    }
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt), encoding="utf-8")
+    res = tmp_path / "res.json"
+    r = run_tool("--config", str(cfg), "--weights", str(setup["weights"]), "--input", str(setup["images"]),
+                 "--coco-json", str(gt_path), "--score-thresh", "0", "--save-json", str(res), cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "data.category_ids" in r.stderr
+    records = json.loads(res.read_text(encoding="utf-8"))
+    assert records
+    assert all(rec["category_id"] == cat_ids[rec["label"]] for rec in records)
+    assert {(rec["file_name"], rec["image_id"]) for rec in records} == {("img0.png", 42), ("img1.png", 1001)}
+    for rec in records:
+        x, y, w, h = rec["bbox"]
+        assert w >= 0 and h >= 0 and isinstance(rec["score"], float)
+        assert mask_util.decode(rec["segmentation"]).shape == (96, 128)
+    coco_gt = COCO(str(gt_path))
+    coco_dt = coco_gt.loadRes(str(res))
+    for iou_type in ("bbox", "segm"):
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()  # the file as written runs through COCOeval
+        assert 0.0 <= ev.stats[0] <= 1.0
+
+    # an input image the GT does not list gets no records (warned); none listed is an error
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    (lone / "zzz.png").write_bytes((setup["images"] / "img0.png").read_bytes())
+    r = run_tool("--config", str(cfg), "--weights", str(setup["weights"]), "--input", str(lone),
+                 "--coco-json", str(gt_path), "--save-json", str(tmp_path / "x.json"), cwd=tmp_path)
+    assert_one_line_error(r, "--coco-json", "zzz.png")

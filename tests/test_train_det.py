@@ -192,3 +192,42 @@ def test_unknown_config_key_exits_with_one_line_suggestion(tmp_path: Path) -> No
     lines = [s for s in proc.stderr.splitlines() if s.strip()]
     assert len(lines) == 1, proc.stderr
     assert "unknown config key 'train.max_iter'" in lines[0] and "train.max_iters" in lines[0]
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools under numpy 2
+def test_saved_config_records_category_ids_and_folder_for_eval_resume_and_infer(shapes: dict, tmp_path: Path,
+                                                                                  capsys) -> None:
+    from detkit.config import load_config
+
+    out = tmp_path / "run"
+    ov = _shapes_overrides(shapes, **{"train.max_iters": 1, "train.num_vis_images": 0,
+                                      "model.roi_heads.score_thresh_test": 0.0})
+    assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)] + ov) == 0
+    saved = load_config(out / "config.yaml")
+    assert saved.data.category_ids == [1, 3, 7, 9]  # the shapes set's (non-contiguous) category ids
+    assert saved.data.class_names == ["circle", "rectangle", "triangle", "star"]
+    assert saved.output_dir == str(out)
+    train_metrics = (out / "metrics.json").read_text()
+
+    # eval_det with the run's config and no --output-dir writes into run/eval, not over run/metrics.json
+    assert run_cli(eval_det.main, ["--config", str(out / "config.yaml"),
+                                   "--weights", str(out / "checkpoints" / "last.pth")]) == 0
+    assert (out / "eval" / "metrics.json").is_file() and (out / "eval" / "results.json").is_file()
+    assert (out / "metrics.json").read_text() == train_metrics
+
+    # --resume with the run's config continues in the run's folder
+    assert run_cli(train_det.main, ["--config", str(out / "config.yaml"), "--resume", "train.max_iters=2"]) == 0
+    assert load_checkpoint(out / "checkpoints" / "last.pth")["iteration"] == 2
+    assert "Resumed from" in (out / "log.txt").read_text()
+
+    # infer.py writes category ids the ground truth uses
+    infer = _load("infer")
+    res = tmp_path / "res.json"
+    assert infer.main(["--config", str(out / "config.yaml"), "--weights", str(out / "checkpoints" / "last.pth"),
+                       "--input", shapes["val_images"], "--coco-json", shapes["val_annotations"],
+                       "--score-thresh", "0", "--save-json", str(res)]) == 0
+    records = json.loads(res.read_text())
+    gt = json.loads(Path(shapes["val_annotations"]).read_text())
+    assert records and {r["category_id"] for r in records} <= {c["id"] for c in gt["categories"]}
+    assert all(r["category_id"] == [1, 3, 7, 9][r["label"]] for r in records)
+    assert {r["image_id"] for r in records} <= {im["id"] for im in gt["images"]}

@@ -2,7 +2,8 @@
 """Measure a config's inference images/s, training iterations/s and data-loader images/s here.
 
 * inference: :class:`detkit.Predictor` on images of the val split (or random images at the
-  test size when no data is configured), one image per call, as an application would;
+  test size when no data is configured or its files are missing), one image per call, as an
+  application would;
 * training: forward + backward + SGD step of a freshly built model on batches taken from the
   data set's training pipeline (or synthetic batches at the train size), data time excluded;
 * data loader: the training loader of the config (workers, augmentation, collation) alone.
@@ -26,7 +27,7 @@ EPILOG = """examples:
   # a trained model on the GPU in bfloat16, 50 timed iterations
   python tools/benchmark.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth \\
       --device cuda --precision bf16 --iters 50
-  # inference only, at another test size
+  # inference only, at another test size (random images when the COCO files are not there)
   python tools/benchmark.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml --skip-train --skip-data \\
       input.min_size_test=640 model.num_classes=80
 """
@@ -114,18 +115,42 @@ def _sync(device: Any) -> None:
 
 
 # --------------------------------------------------------------------------- data
-def load_splits(cfg: Any, need_train: bool) -> tuple[Any, Optional[Any], Optional[Any]]:
-    """(cfg with resolved data paths, train CocoData or None, val CocoData or None).
+def missing_data(cfg: Any, split: str) -> Optional[str]:
+    """``"data.<split>.annotations PATH"`` (or ``.images``) when that configured path does not exist, else None."""
+    sc = getattr(cfg.data, split)
+    if sc.annotations and not Path(sc.annotations).is_file():
+        return f"data.{split}.annotations {sc.annotations}"
+    if sc.annotations and sc.images and not Path(sc.images).is_dir():
+        return f"data.{split}.images {sc.images}"
+    return None
+
+
+def load_splits(cfg: Any, train_for: Optional[str]) -> tuple[Any, Optional[Any], Optional[Any], Optional[str]]:
+    """(cfg with resolved data paths, train CocoData or None, val CocoData or None, missing val data).
 
     Paths are resolved as ``tools/train_det.py`` does (the synthetic shapes set is generated when
-    ``data.synthetic`` is set); a split whose keys are unset is None; a broken one is an error.
+    ``data.synthetic`` is set); a split whose keys are unset is None. The training split is read
+    only for ``train_for`` (the benchmark that needs it, e.g. ``"data-loader"``): missing files are
+    then an error. The val split only supplies sample images: when its files are missing it is None
+    and the last item names them (the caller says what was used instead). A broken file is an error.
     """
     from detkit.engine.detection import load_split, resolve_data_paths
 
     cfg = resolve_data_paths(cfg)
-    train = load_split(cfg, "train", is_train=True) if need_train and cfg.data.train.annotations else None
-    val = load_split(cfg, "val", is_train=False) if cfg.data.val.annotations else None
-    return cfg, train, val
+    train = None
+    if train_for and cfg.data.train.annotations:
+        missing = missing_data(cfg, "train")
+        if missing:
+            raise ToolError(f"{missing} not found; the {train_for} benchmark reads the training data: point "
+                            "data.train.annotations/images at it, or add --skip-train --skip-data to time "
+                            "inference alone")
+        train = load_split(cfg, "train", is_train=True)
+    val, val_missing = None, None
+    if cfg.data.val.annotations:
+        val_missing = missing_data(cfg, "val")
+        if val_missing is None:
+            val = load_split(cfg, "val", is_train=False)
+    return cfg, train, val, val_missing
 
 
 def synthetic_batch(cfg: Any, batch_size: int, num_classes: int, seed: int) -> Any:
@@ -284,7 +309,8 @@ def run(args: argparse.Namespace) -> int:
 
     cfg.train.batch_size = batch_size
     results: list[tuple[str, str, str]] = []
-    cfg, train, val = load_splits(cfg, need_train=not (args.skip_train and args.skip_data))
+    train_for = "data-loader" if not args.skip_data else None if args.skip_train else "training"
+    cfg, train, val, val_missing = load_splits(cfg, train_for)
     if train is not None and not cfg.data.class_names and cfg.model.num_classes is None:
         cfg.data.class_names = list(train.class_names)  # the Predictor takes the classes from here
     elif not cfg.data.class_names and cfg.model.num_classes is None and train is None and val is None:
@@ -304,6 +330,7 @@ def run(args: argparse.Namespace) -> int:
 
     # inference through the Predictor, one image per call
     images, source = sample_images(cfg, [val, train], min(args.iters, 8))
+    notes = [f"{val_missing} not found (only needed for sample images): inference used {source}"] if val_missing else []
     predictor = Predictor(cfg, weights=args.weights, device=str(device), precision=args.precision)
     num_classes = len(predictor.class_names)
     ips = bench_inference(predictor, images, args.iters, args.warmup, device)
@@ -332,6 +359,8 @@ def run(args: argparse.Namespace) -> int:
              f"{num_classes} classes")
     machine = machine_info(device) + [("precision", args.precision)]
     print(format_report(title, machine, results))
+    for note in notes:
+        print(f"note: {note}")
     return 0
 
 

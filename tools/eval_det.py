@@ -1,13 +1,21 @@
 #!/usr/bin/env python
 """Evaluate detector weights on data.val with COCO metrics (bbox, and segm for Mask R-CNN).
 
-    python tools/eval_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
-        --weights output/run1/checkpoints/best.pth data.val.annotations=val.json data.val.images=img/val
-    torchrun --nproc_per_node 8 tools/eval_det.py --config ... --weights ... [key=value ...]
+Examples:
+  # a training run's checkpoint with the run's own config -> runs/mine/eval/
+  python tools/eval_det.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth
+  # other COCO-format data, into another folder, with the faster_coco_eval backend
+  python tools/eval_det.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth \\
+      --output-dir runs/mine/eval_test data.val.annotations=my/test.json data.val.images=my/test_images \\
+      test.eval_backend=faster_coco_eval
+  # COCO 2017 val under datasets/coco, 8 GPUs
+  torchrun --nproc_per_node 8 tools/eval_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
+      --weights runs/coco_r50/checkpoints/best.pth
 
-Prints the 12-number COCO table and the per-class AP table; writes OUTPUT_DIR/metrics.json
-(flat keys such as bbox/AP, segm/AP50, bbox/AP-<class>, in percent) and OUTPUT_DIR/results.json
-(COCO-format detections). ``test.eval_backend=faster_coco_eval`` selects the faster backend.
+Prints the 12-number COCO table and the per-class AP table; writes metrics.json (flat keys such
+as bbox/AP, segm/AP50, bbox/AP-<class>, in percent), results.json (COCO-format detections) and
+eval_config.yaml to --output-dir (default: the config's output_dir + /eval, so evaluating with a
+run's config.yaml writes runs/mine/eval/ and leaves the run's own metrics.json alone).
 """
 
 from __future__ import annotations
@@ -53,21 +61,19 @@ def load_detector(cfg: DetectionConfig, num_classes: int, weights: str, device):
     report = load_weights(model, weights)
     logger.info("Loaded %s", report.summary())
     if report.missing or report.mismatched:
-        what = (f"{len(report.mismatched)} tensors differ in shape (e.g. {report.mismatched[0][0]}: checkpoint "
-                f"{tuple(report.mismatched[0][1])} vs model {tuple(report.mismatched[0][2])})"
-                if report.mismatched else f"{len(report.missing)} model tensors are missing (e.g. {report.missing[0]})")
         raise CheckpointError(
-            f"{weights} does not fit this config with {num_classes} classes: {what}; evaluate it with the "
-            "config it was trained with"
+            f"{weights} does not fit this config with {num_classes} classes: {report.problems()}; "
+            "the weights are for another architecture or class count: evaluate them with the config they "
+            "were trained with (its model settings and data.class_names / model.num_classes)"
         )
     return model.to(device).eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = default_argument_parser(__doc__.splitlines()[1], weights=True, resume=False).parse_args(argv)
+    args = default_argument_parser(__doc__, weights=True, resume=False, default_subdir="eval").parse_args(argv)
     cfg = load_eval_config(args.config, args.overrides)
     device = init_distributed()
-    out = setup_output_dir(cfg, args.output_dir, config_name="eval_config.yaml")
+    out = setup_output_dir(cfg, args.output_dir, config_name="eval_config.yaml", default_subdir="eval")
     cfg = resolve_data_paths(cfg)
     val = load_split(cfg, "val", is_train=False)
     model = load_detector(cfg, resolve_num_classes(cfg, val), args.weights, device)

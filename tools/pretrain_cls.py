@@ -1,10 +1,20 @@
 #!/usr/bin/env python
 """Pretrain a ResNet classifier on an ImageFolder (to initialize detector backbones).
 
-    python tools/pretrain_cls.py --config configs/classification/shapes_resnet18.yaml
-    python tools/pretrain_cls.py --config configs/classification/resnet50_imagefolder.yaml \\
-        data.train=/data/imagenet/train data.val=/data/imagenet/val --output-dir output/r50
-    torchrun --nproc_per_node 8 tools/pretrain_cls.py --config ... [--resume] [key=value ...]
+Examples:
+  # the demo: ResNet-18 on the generated shapes ImageFolder (a few minutes on a CPU)
+  python tools/pretrain_cls.py --config configs/classification/shapes_resnet18.yaml
+  # ResNet-50 on ImageNet-style folders (<root>/<class>/<image>)
+  python tools/pretrain_cls.py --config configs/classification/resnet50_imagefolder.yaml \\
+      --output-dir runs/r50 data.train=/data/imagenet/train data.val=/data/imagenet/val
+  # continue an interrupted run (its config.yaml points at its folder)
+  python tools/pretrain_cls.py --config runs/r50/config.yaml --resume
+  # 8 GPUs (train.batch_size is the total over the processes)
+  torchrun --nproc_per_node 8 tools/pretrain_cls.py --config configs/classification/resnet50_imagefolder.yaml \\
+      --output-dir runs/r50 data.train=/data/imagenet/train data.val=/data/imagenet/val
+  # then initialize a detector's backbone with it
+  python tools/train_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
+      model.backbone.weights=runs/r50/checkpoints/last.pth
 
 Outputs in the output folder: config.yaml, log.txt, metrics.jsonl, metrics.json (top1/top5 in
 percent), checkpoints/last.pth (written after every epoch; use it as ``model.backbone.weights``
@@ -126,7 +136,7 @@ def write_metrics(out: Path, history: list[dict]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = default_argument_parser(__doc__.splitlines()[1]).parse_args(argv)
+    args = default_argument_parser(__doc__).parse_args(argv)
     cfg = load_classification_config(args)
     device = init_distributed()
     out = setup_output_dir(cfg, args.output_dir)

@@ -1,15 +1,26 @@
 #!/usr/bin/env python
 """Train a Faster / Mask R-CNN detector on COCO-format data.
 
-    python tools/train_det.py --config configs/demo/shapes_mask_rcnn_R_18_FPN.yaml
-    python tools/train_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
-        data.train.annotations=ann/train.json data.train.images=img/train \\
-        data.val.annotations=ann/val.json data.val.images=img/val --output-dir output/run1
-    torchrun --nproc_per_node 8 tools/train_det.py --config ... [--resume] [key=value ...]
+Examples:
+  # the demo: Mask R-CNN R18-FPN on the generated shapes set (minutes on a CPU) -> output/demo
+  python tools/train_det.py --config configs/demo/shapes_mask_rcnn_R_18_FPN.yaml
+  # your COCO-format data, a short schedule (train.steps, the LR drops, inside train.max_iters)
+  python tools/train_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml --output-dir runs/mine \\
+      data.train.annotations=my/train.json data.train.images=my/images \\
+      data.val.annotations=my/val.json data.val.images=my/images \\
+      train.max_iters=5000 train.steps=[3500,4500] train.batch_size=4 train.base_lr=0.005
+  # continue an interrupted run (its config.yaml points at its folder)
+  python tools/train_det.py --config runs/mine/config.yaml --resume
+  # COCO 2017 under datasets/coco, 8 GPUs
+  torchrun --nproc_per_node 8 tools/train_det.py --config configs/coco/mask_rcnn_R_50_FPN_1x.yaml \\
+      --output-dir runs/coco_r50
+  # then evaluate a checkpoint (writes runs/mine/eval/)
+  python tools/eval_det.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth
 
-Outputs in the output folder: config.yaml, log.txt, metrics.jsonl (one line per logged
-iteration), metrics.json (final COCO metrics, percent), checkpoints/last.pth, best.pth and the
-last numbered ones, TensorBoard events (``tensorboard --logdir OUTPUT_DIR``).
+Outputs in the output folder: config.yaml (the resolved config with the data's classes, category
+ids and output_dir recorded: it alone rebuilds the model), log.txt, metrics.jsonl (one line per
+logged iteration), metrics.json (final COCO metrics, percent), checkpoints/last.pth, best.pth and
+the last numbered ones, TensorBoard events (``tensorboard --logdir OUTPUT_DIR``).
 """
 
 from __future__ import annotations
@@ -83,11 +94,15 @@ def build_data(cfg: DetectionConfig) -> DetectionData:
 
 
 def record_classes(cfg: DetectionConfig, data: DetectionData, out: Path) -> DetectionConfig:
-    """Store the data's class count and names in the config and rewrite ``config.yaml``, so the
-    saved config alone rebuilds the model (``detkit.Predictor(out / "config.yaml")``)."""
+    """Store the data's class count, names and category ids and the output folder in the config and
+    rewrite ``config.yaml``, so the saved config alone rebuilds the model
+    (``detkit.Predictor(out / "config.yaml")``), tools can write COCO ``category_id`` s without the
+    annotations file, and ``--config out/config.yaml`` (``--resume``, eval_det) finds the run."""
     cfg = cfg.model_copy(deep=True)
     cfg.model.num_classes = data.num_classes
     cfg.data.class_names = list(data.train.class_names)
+    cfg.data.category_ids = [int(c) for c in data.train.category_ids]  # contiguous label i -> category id
+    cfg.output_dir = str(out)
     if is_main_process():
         save_config(cfg, out / "config.yaml")
     return cfg
@@ -156,7 +171,7 @@ def report(out: Path, metrics: dict[str, float]) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = default_argument_parser(__doc__.splitlines()[1]).parse_args(argv)
+    args = default_argument_parser(__doc__).parse_args(argv)
     cfg = load_detection_config(args.config, args.overrides)
     device = init_distributed()
     out = setup_output_dir(cfg, args.output_dir)

@@ -28,11 +28,20 @@ __all__ = [
 _HANDLER_TAG = "_detkit_handler"
 
 
-def default_argument_parser(description: str, weights: bool = False, resume: bool = True) -> argparse.ArgumentParser:
-    """``--config CONFIG [--output-dir DIR] [--resume] [--weights W] [key=value ...]``."""
-    p = argparse.ArgumentParser(description=description)
+def default_argument_parser(description: Optional[str], weights: bool = False, resume: bool = True,
+                            default_subdir: str = "") -> argparse.ArgumentParser:
+    """``--config CONFIG [--output-dir DIR] [--resume] [--weights W] [key=value ...]``.
+
+    ``description`` is shown verbatim (:class:`argparse.RawDescriptionHelpFormatter`), so a tool
+    passes its whole module docstring and the examples in it keep their lines and indentation.
+    ``default_subdir`` only documents where the output goes without ``--output-dir``
+    (``setup_output_dir(..., default_subdir=...)`` must be given the same value).
+    """
+    p = argparse.ArgumentParser(description=(description or "").strip() or None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--output-dir", default=None, help="output folder (default: output_dir of the config)")
+    where = f"<output_dir of the config>/{default_subdir}" if default_subdir else "output_dir of the config"
+    p.add_argument("--output-dir", default=None, help=f"output folder (default: {where})")
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pth")
     if weights:
@@ -82,15 +91,23 @@ def setup_logging(output_dir: Optional[str | Path] = None, name: str = "detkit")
     return log
 
 
-def setup_output_dir(cfg: Config, output_dir: Optional[str | Path] = None, config_name: str = "config.yaml") -> Path:
-    """Create the output folder, write the resolved config (rank 0) and start logging to ``log.txt``.
+def setup_output_dir(cfg: Config, output_dir: Optional[str | Path] = None, config_name: str = "config.yaml",
+                     default_subdir: str = "") -> Path:
+    """Create the output folder, write the resolved config (rank 0; its ``output_dir`` set to the
+    folder) and start logging to ``log.txt``.
 
-    Returns the folder (``output_dir`` if given, else ``cfg.output_dir``).
+    Returns the folder: ``output_dir`` if given, else ``cfg.output_dir`` (joined with
+    ``default_subdir`` when set, e.g. ``"eval"`` so an evaluation run on a training folder's
+    ``config.yaml`` writes beside, not over, the training's ``metrics.json``).
     """
-    out = Path(output_dir if output_dir is not None else cfg.output_dir)
+    if output_dir is not None:
+        out = Path(output_dir)
+    else:
+        out = Path(cfg.output_dir) / default_subdir if default_subdir else Path(cfg.output_dir)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / config_name)
+        # the saved config points at the folder it is in (``--config OUT/config.yaml --resume`` continues there)
+        save_config(cfg.model_copy(update={"output_dir": str(out)}), out / config_name)
     setup_logging(out)
     logging.getLogger("detkit").info("Output folder: %s", out.resolve())
     return out
