@@ -20,7 +20,8 @@ the loss curves (total loss, mean of each 10-iteration window) and their agreeme
 GFLOP/s (FLOPs of a step counted on torchvision's model) next to the machine's GEMM peaks, and
 the peak RSS of each mode in a fresh subprocess (``--rss``).
 
-    python benchmarks/bench_train.py [--iters 50] [--batch 2] [--size 512] [--threads N]
+    python benchmarks/bench_train.py [--iters 50] [--batch 2] [--size 512] [--threads N] [--lr 0.0025]
+        [--warmup-iters 10]
         [--with-fp32] [--rss] [--rss-iters 4]
 """
 
@@ -142,11 +143,19 @@ def sgd(model: nn.Module, lr: float) -> torch.optim.Optimizer:
                            weight_decay=1e-4)
 
 
-def make_step(kind: str, model: nn.Module, opt: torch.optim.Optimizer) -> Callable[[Batch], dict[str, float]]:
-    """One SGD step on a batch; returns the float losses."""
+def warmup_lr(base_lr: float, warmup: int) -> Callable[[int], float]:
+    """Linear warm-up from ``base_lr / warmup`` to ``base_lr`` over the first ``warmup`` steps."""
+    return lambda it: base_lr * min(1.0, (it + 1) / max(warmup, 1))
+
+
+def make_step(kind: str, model: nn.Module, opt: torch.optim.Optimizer,
+              lr_at: Callable[[int], float]) -> Callable[[Batch, int], dict[str, float]]:
+    """One SGD step on a batch at step index ``it`` (which sets the LR); returns the float losses."""
     amp = resolve_amp("auto", torch.device("cpu")) if kind == "detkit" else "none"
 
-    def step(b: Batch) -> dict[str, float]:
+    def step(b: Batch, it: int) -> dict[str, float]:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(it)
         if kind == "torchvision":
             losses = model(*tv_inputs(b))
         else:
@@ -156,25 +165,28 @@ def make_step(kind: str, model: nn.Module, opt: torch.optim.Optimizer) -> Callab
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
-        out = {k: float(v) for k, v in losses.items()}
-        out["total_loss"] = float(total)
+        out = {k: float(v.detach()) for k, v in losses.items()}
+        out["total_loss"] = float(total.detach())
+        if not all(map(lambda v: v == v and abs(v) != float("inf"), out.values())):
+            raise SystemExit(f"{kind}: non-finite loss at step {it} ({out}); lower --lr or raise --warmup-iters")
         return out
 
     step.amp = amp  # type: ignore[attr-defined]
     return step
 
 
-def build_modes(args: argparse.Namespace, batches: list[Batch]) -> dict[str, Callable[[Batch], dict[str, float]]]:
+def build_modes(args: argparse.Namespace, batches: list[Batch]) -> dict[str, Callable[[Batch, int], dict[str, float]]]:
     torch.manual_seed(0)
     tv = torchvision_mask_rcnn(args.size)
     calibrate_frozen_bn(tv, tv_inputs(batches[0])[0])
     state = {k: v.clone() for k, v in tv.state_dict().items()}
-    modes = {"torchvision": make_step("torchvision", tv, sgd(tv, args.lr))}
+    lr_at = warmup_lr(args.lr, args.warmup_iters)
+    modes = {"torchvision": make_step("torchvision", tv, sgd(tv, args.lr), lr_at)}
     if args.with_fp32:
         dk32 = detkit_from(state)
-        modes["detkit-fp32"] = make_step("detkit-fp32", dk32, sgd(dk32, args.lr))
+        modes["detkit-fp32"] = make_step("detkit-fp32", dk32, sgd(dk32, args.lr), lr_at)
     dk = detkit_from(state)
-    modes["detkit"] = make_step("detkit", dk, sgd(dk, args.lr))
+    modes["detkit"] = make_step("detkit", dk, sgd(dk, args.lr), lr_at)
     return modes
 
 
@@ -202,9 +214,9 @@ def rss_child(args: argparse.Namespace) -> None:
     else:
         model = detkit_from({k: v.clone() for k, v in tv.state_dict().items()})
         del tv
-    step = make_step(args.rss_child, model, sgd(model, args.lr))
-    for b in batches:
-        step(b)
+    step = make_step(args.rss_child, model, sgd(model, args.lr), warmup_lr(args.lr, args.warmup_iters))
+    for i, b in enumerate(batches):
+        step(b, i)
     with open("/proc/self/status", encoding="utf-8") as f:
         peak = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     print(json.dumps({"mode": args.rss_child, "peak_rss_mb": peak / 1024}))
@@ -214,7 +226,8 @@ def measure_rss(args: argparse.Namespace, modes: list[str]) -> dict[str, float]:
     out = {}
     for mode in modes:
         cmd = [sys.executable, __file__, "--rss-child", mode, "--rss-iters", str(args.rss_iters),
-               "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads)]
+               "--batch", str(args.batch), "--size", str(args.size), "--threads", str(args.threads),
+               "--lr", str(args.lr), "--warmup-iters", str(args.warmup_iters)]
         res = subprocess.run(cmd, capture_output=True, text=True, check=False)
         lines = [ln for ln in res.stdout.splitlines() if ln.startswith("{")]
         if res.returncode != 0 or not lines:
@@ -242,7 +255,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed steps per mode first (on batch 0)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=0.01)
+    p.add_argument("--lr", type=float, default=0.0025,
+                   help="SGD LR after warm-up (Detectron2's 0.02 at batch 16, scaled linearly to batch 2)")
+    p.add_argument("--warmup-iters", type=int, default=10, help="linear LR warm-up steps")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--with-fp32", action="store_true", help="also time detkit in plain fp32")
     p.add_argument("--rss", action="store_true", help="peak RSS of each mode in a fresh subprocess")
@@ -258,12 +273,13 @@ def main() -> None:
     modes = build_modes(args, batches)
     names = list(modes)
     amp = modes["detkit"].amp  # type: ignore[attr-defined]
-    print(f"Mask R-CNN R50-FPN training, batch {args.batch} at {args.size} px ({source}), SGD lr {args.lr}, "
+    print(f"Mask R-CNN R50-FPN training, batch {args.batch} at {args.size} px ({source}), SGD lr {args.lr} "
+          f"(warm-up {args.warmup_iters}), "
           f"{args.iters} steps; torch {torch.__version__}, torchvision {torchvision.__version__}, "
           f"{args.threads} threads; detkit mode: amp={amp}")
     for k in names:  # warm-up: first-call allocations and oneDNN primitive creation
         for _ in range(args.warmup):
-            modes[k](batches[0])
+            modes[k](batches[0], 0)
     # the warm-up changed the weights identically for every mode only if all saw batch 0 the same
     # number of times, which they did; timing and curves start here
     wall = {k: [] for k in names}
@@ -273,7 +289,7 @@ def main() -> None:
         shift = i % len(names)
         for k in names[shift:] + names[:shift]:
             t0, c0 = time.perf_counter(), time.process_time()
-            losses = modes[k](b)
+            losses = modes[k](b, i)
             wall[k].append(time.perf_counter() - t0)
             cpu[k].append(time.process_time() - c0)
             curves[k].append(losses["total_loss"])

