@@ -8,7 +8,9 @@ Two measurements, images per second, for each architecture:
   (PIL decoding), both RandomResizedCrop(224) + horizontal flip + normalize, same DataLoader
   settings, on a generated ImageFolder;
 * train step: forward + label-smoothing cross-entropy + backward + SGD step of detkit's
-  ``build_classifier`` against ``torchvision.models.resnet*`` (same batch, optimizer, input).
+  ``build_classifier`` against ``torchvision.models.resnet*`` (same batch, optimizer, input), both in
+  fp32; plus detkit under ``train.amp=auto`` (what ``tools/pretrain_cls.py`` runs by default: bf16
+  autocast where the device has native bf16), when that resolves to a mixed precision here.
 
 Runs alternate between the two implementations for several rounds and report the median, so a
 busy machine penalizes both alike. Example::
@@ -66,8 +68,10 @@ def data_loaders(root: Path, batch_size: int, num_workers: int) -> dict[str, Dat
     return {"detkit": DataLoader(dk, collate_fn=collate_cls_batch, **common), "torchvision": DataLoader(tv, **common)}
 
 
-def train_step_fn(model: nn.Module, batch_size: int, device: torch.device) -> Callable[[], None]:
-    """One SGD step on a fixed random batch (images already normalized)."""
+def train_step_fn(model: nn.Module, batch_size: int, device: torch.device, amp: str = "none") -> Callable[[], None]:
+    """One SGD step on a fixed random batch (images already normalized), under ``amp`` autocast."""
+    from detkit.engine.trainer import autocast_context
+
     model.to(device).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     crit = nn.CrossEntropyLoss(label_smoothing=0.1)
@@ -77,7 +81,9 @@ def train_step_fn(model: nn.Module, batch_size: int, device: torch.device) -> Ca
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
-        crit(model(x), y).backward()
+        with autocast_context(device, amp):
+            loss = crit(model(x), y)
+        loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -98,9 +104,11 @@ def bench(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
     import torchvision
 
     from detkit.data.synthetic import make_shapes_imagefolder
+    from detkit.engine import resolve_amp
     from detkit.models import build_classifier
 
     device = torch.device(args.device)
+    amp = resolve_amp("auto", device)  # what pretrain_cls runs with train.amp=auto
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(make_shapes_imagefolder(Path(tmp) / "cls", num_per_class_train=args.images_per_class,
@@ -111,6 +119,7 @@ def bench(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
             for name, loader in loaders.items():
                 res[name].append(_time_loader(loader, args.data_batches))
         rows.append(("data pipeline", "-", statistics.median(res["detkit"]), statistics.median(res["torchvision"])))
+        del loaders
 
     for arch in args.archs:
         torch.manual_seed(0)
@@ -118,11 +127,16 @@ def bench(args: argparse.Namespace) -> list[tuple[str, str, float, float]]:
             "detkit": train_step_fn(build_classifier(arch, 1000, norm="BN"), args.batch_size, device),
             "torchvision": train_step_fn(getattr(torchvision.models, arch)(weights=None), args.batch_size, device),
         }
-        res = {"detkit": [], "torchvision": []}
+        if amp != "none":
+            steps[f"detkit {amp}"] = train_step_fn(build_classifier(arch, 1000, norm="BN"), args.batch_size, device, amp)
+        res = {name: [] for name in steps}
         for _ in range(args.rounds):
             for name, step in steps.items():
                 res[name].append(_time_steps(step, args.iters, args.warmup, args.batch_size))
-        rows.append(("train step", arch, statistics.median(res["detkit"]), statistics.median(res["torchvision"])))
+        tv = statistics.median(res["torchvision"])
+        rows.append(("train step", arch, statistics.median(res["detkit"]), tv))
+        if amp != "none":
+            rows.append((f"step amp={amp}", arch, statistics.median(res[f"detkit {amp}"]), tv))
     return rows
 
 
@@ -147,10 +161,10 @@ def main() -> None:
     print(f"\ndevice {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{platform.processor() or platform.machine()}; batch {args.batch_size}, 224 px, "
           f"{args.rounds} rounds (median)")
-    print(f"| {'benchmark':<13} | {'arch':<8} | {'detkit img/s':>12} | {'torchvision img/s':>17} | {'ratio':>5} |")
-    print(f"|{'-' * 15}|{'-' * 10}|{'-' * 14}|{'-' * 19}|{'-' * 7}|")
+    print(f"| {'benchmark':<14} | {'arch':<8} | {'detkit img/s':>12} | {'torchvision img/s':>17} | {'ratio':>5} |")
+    print(f"|{'-' * 16}|{'-' * 10}|{'-' * 14}|{'-' * 19}|{'-' * 7}|")
     for what, arch, dk, tv in rows:
-        print(f"| {what:<13} | {arch:<8} | {dk:>12.1f} | {tv:>17.1f} | {dk / tv:>5.2f} |")
+        print(f"| {what:<14} | {arch:<8} | {dk:>12.1f} | {tv:>17.1f} | {dk / tv:>5.2f} |")
 
 
 if __name__ == "__main__":

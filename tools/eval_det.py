@@ -59,7 +59,7 @@ def load_detector(cfg: DetectionConfig, num_classes: int, weights: str, device):
     """The detector with ``weights`` loaded; anything missing or mis-shaped is a clear error."""
     model = build_detector(cfg, num_classes)
     report = load_weights(model, weights)
-    logger.info("Loaded %s", report.summary())
+    logger.info("Weights: %s", report.summary())
     if report.missing or report.mismatched:
         raise CheckpointError(
             f"{weights} does not fit this config with {num_classes} classes: {report.problems()}; "
