@@ -192,24 +192,24 @@ def test_short_polygons_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture
 
 @pytest.mark.parametrize("key, value, named", [("category_id", 5, "category_id 5"), ("image_id", 77, "image_id 77")])
 def test_undefined_ids_raise(tmp_path: Path, key: str, value: int, named: str) -> None:
+    msg, p = _annotation_error(tmp_path, key, value)
+    assert "annotation id 2" in msg and named in msg and str(p) in msg and "\n" not in msg
+
+
+def _annotation_error(tmp_path: Path, key: str, value: Any) -> tuple[str, Path]:
+    """The DatasetError message of loading the base dataset with annotation 2's ``key`` set to ``value``."""
     data = _base_dataset(tmp_path)
     data["annotations"][1][key] = value
     p = _write(tmp_path, data)
     with pytest.raises(DatasetError) as e:
         load_coco(p, tmp_path / "images", filter_empty=True, is_train=True)
-    msg = str(e.value)
-    assert "annotation id 2" in msg and named in msg and str(p) in msg and "\n" not in msg
+    return str(e.value), p
 
 
 @pytest.mark.parametrize("key", ["category_id", "image_id"])
 @pytest.mark.parametrize("value", ["abc", None, 1.5, "10", True])
 def test_non_integer_ids_raise_one_line(tmp_path: Path, key: str, value: Any) -> None:
-    data = _base_dataset(tmp_path)
-    data["annotations"][1][key] = value
-    p = _write(tmp_path, data)
-    with pytest.raises(DatasetError) as e:
-        load_coco(p, tmp_path / "images", filter_empty=True, is_train=True)
-    msg = str(e.value)
+    msg, p = _annotation_error(tmp_path, key, value)
     assert "annotation id 2" in msg and f"{key} {json.dumps(value)}" in msg and "not an integer" in msg
     assert str(p) in msg and "\n" not in msg
 
