@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..config import Config, ConfigError, save_config
-from .distributed import destroy_distributed, get_rank, is_main_process
+from .distributed import barrier, destroy_distributed, get_rank, is_main_process
 
 __all__ = [
     "default_argument_parser",
@@ -160,6 +160,9 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optiona
     expected = user_errors()
     try:
         rc = main(argv)
+        # every rank leaves together: a rank that tears down its process group while another is
+        # still writing checkpoints or reports can abort in the backend's teardown
+        barrier()
         return int(rc or 0)
     except expected as e:
         msg = " ".join(str(e).split()) or type(e).__name__
