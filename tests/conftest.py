@@ -20,3 +20,17 @@ def _restore_detkit_logger() -> Iterator[None]:
             log.removeHandler(h)
             h.close()
     log.propagate, log.level = propagate, level
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (the test machine is shared); restored afterwards.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
+    """
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

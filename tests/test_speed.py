@@ -38,13 +38,7 @@ BF16 = bf16_supported("cpu")
 needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 (AVX512-BF16/AMX) or no oneDNN")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the test machine is shared; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _randomize_norms(model: nn.Module, seed: int = 0) -> None:

@@ -31,7 +31,12 @@ class MaskRCNNHead(nn.Module):
         norm: :func:`detkit.layers.get_norm` name for the convs ("" or "GN" typically).
         cls_agnostic: predict one mask for all classes.
 
-    Init as torchvision: Kaiming normal (fan_out, ReLU) weights, zero biases.
+    Init: Kaiming normal (fan_out, ReLU) convs and deconv, as torchvision and Detectron2; the
+    1x1 predictor is normal with std 0.001 (Detectron2), so every mask logit starts near 0 and the
+    first mask loss is about ln 2. Kaiming init there (torchvision's choice) gives the predictor a
+    std of sqrt(2 / K): its logits start with a magnitude of tens, the first losses are ~10, and
+    their large gradients reach the shared FPN and backbone while those are still training.
+    All biases start at zero.
     """
 
     def __init__(
@@ -55,11 +60,12 @@ class MaskRCNNHead(nn.Module):
         self.deconv = nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2)
         self.predictor = nn.Conv2d(channels, 1 if cls_agnostic else num_classes, kernel_size=1)
 
-        convs = [block.conv for block in self.convs] + [self.deconv, self.predictor]
-        for conv in convs:
+        for conv in [block.conv for block in self.convs] + [self.deconv]:
             nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
             if conv.bias is not None:
                 nn.init.zeros_(conv.bias)
+        nn.init.normal_(self.predictor.weight, std=0.001)
+        nn.init.zeros_(self.predictor.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, C, S, S] -> mask logits [R, K or 1, 2S, 2S]."""

@@ -1,0 +1,111 @@
+"""The training-recipe choices that decide accuracy, pinned (see the README's "Training recipe" section).
+
+* The mask predictor starts with near-zero logits (Detectron2's std 0.001), so the first mask loss
+  is ln 2 whatever the class count; Kaiming init there starts it near 10.
+* The COCO configs keep 1000 RPN proposals per image in training and in test (Detectron2's value).
+* Under bf16 autocast, proposals, regression targets and every loss stay fp32 while the convs and
+  linears run in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detkit.config import load_config
+from detkit.models.build import build_backbone, build_detector, build_rpn
+from detkit.models.roi_heads import MaskRCNNHead
+from detkit.structures import Targets
+
+ROOT = Path(__file__).resolve().parents[1]
+COCO_R18 = ROOT / "configs" / "coco" / "mask_rcnn_R_18_FPN_1x.yaml"
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
+
+def _first_mask_loss(head: MaskRCNNHead, g: torch.Generator) -> float:
+    # pooled RoI features of an FPN trained from scratch: non-negative, of order 1
+    x = torch.rand(16, 256, 14, 14, generator=g) * 2
+    logits = head(x)[:, 0]
+    target = (torch.rand(logits.shape, generator=g) > 0.5).float()
+    return float(F.binary_cross_entropy_with_logits(logits, target))
+
+
+@pytest.mark.parametrize("num_classes", [1, 2, 80])
+def test_mask_predictor_starts_at_chance(num_classes: int) -> None:
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    head = MaskRCNNHead(256, num_classes=num_classes)
+    with torch.no_grad():
+        assert float(head.predictor.weight.std()) == pytest.approx(0.001, rel=0.2)
+        assert float(head.predictor.bias.abs().max()) == 0.0
+        assert _first_mask_loss(head, g) == pytest.approx(math.log(2), abs=0.01)
+        # Kaiming (fan_out) init of the predictor, torchvision's choice, has std sqrt(2 / K): with the
+        # few classes of most people's datasets the first losses are several times chance
+        nn.init.kaiming_normal_(head.predictor.weight, mode="fan_out", nonlinearity="relu")
+        assert _first_mask_loss(head, g) > (2.0 if num_classes <= 2 else 0.75)
+
+
+def _feature_maps(size: int, channels: int = 256) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {f"p{k}": torch.randn(1, channels, size >> k, size >> k, generator=g) for k in range(2, 7)}
+
+
+def test_coco_config_keeps_1000_proposals_per_image_in_training() -> None:
+    cfg = load_config(str(COCO_R18), ["model.backbone.norm=BN", "model.backbone.freeze_at=0"])
+    assert (cfg.model.rpn.post_nms_topk_train, cfg.model.rpn.post_nms_topk_test) == (1000, 1000)
+    torch.manual_seed(0)
+    rpn = build_rpn(cfg.model, build_backbone(cfg.model)).train()
+    size = 1024
+    feats = _feature_maps(size)
+    target = Targets(boxes=torch.tensor([[100.0, 120.0, 400.0, 500.0]]), labels=torch.tensor([0]))
+    with torch.no_grad():
+        proposals, losses = rpn([(size, size)], feats, [target])
+    assert len(proposals[0]) == 1000 and set(losses) == {"loss_rpn_cls", "loss_rpn_loc"}
+    # torchvision's value keeps more: the count above is the config's, not a ceiling of the input
+    rpn.post_nms_topk = (2000, 1000)
+    with torch.no_grad():
+        proposals, _ = rpn([(size, size)], feats, [target])
+    assert len(proposals[0]) > 1000
+
+
+def test_bf16_autocast_keeps_boxes_targets_and_losses_fp32() -> None:
+    cfg = load_config(str(COCO_R18), ["model.backbone.norm=BN", "model.backbone.freeze_at=0", "model.fpn.out_channels=64",
+                                      "model.roi_heads.box_head.fc_dim=128", "model.roi_heads.mask_head.conv_dim=64"])
+    torch.manual_seed(0)
+    model = build_detector(cfg, num_classes=2).train()
+    seen: dict[str, torch.dtype] = {}
+
+    def record(name: str, pick):
+        def hook(module, inputs, output) -> None:
+            seen[name] = pick(output)
+        return hook
+
+    model.rpn.register_forward_hook(record("proposals", lambda o: o[0][0].boxes.dtype))
+    model.roi_heads.box_predictor.register_forward_hook(record("class_logits", lambda o: o[0].dtype))
+    model.roi_heads.mask_head.register_forward_hook(record("mask_logits", lambda o: o.dtype))
+    encode = model.roi_heads.box_coder.encode
+
+    def spy_encode(gt: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        out = encode(gt, boxes)
+        seen["box_targets"] = out.dtype
+        return out
+
+    model.roi_heads.box_coder.encode = spy_encode
+    img = torch.full((3, 160, 192), 60, dtype=torch.uint8)
+    img[:, 30:110, 40:150] = 200
+    mask = torch.zeros(1, 160, 192, dtype=torch.uint8)
+    mask[0, 30:110, 40:150] = 1
+    target = Targets(boxes=torch.tensor([[40.0, 30.0, 150.0, 110.0]]), labels=torch.tensor([1]), masks=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = model([img], [target])
+    assert seen["class_logits"] == torch.bfloat16 and seen["mask_logits"] == torch.bfloat16  # autocast is on
+    assert seen["proposals"] == torch.float32 and seen["box_targets"] == torch.float32
+    assert {k: v.dtype for k, v in losses.items()} == {k: torch.float32 for k in losses}
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_loc", "loss_cls", "loss_box_reg", "loss_mask"}
