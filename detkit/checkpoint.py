@@ -334,6 +334,18 @@ def _is_step_counter(key: str) -> bool:
     return key.endswith("num_batches_tracked")
 
 
+def _check_projection_shortcuts(model: nn.Module, name: str, fmt: str) -> None:
+    """torchvision's ResNets have option-B shortcuts: refuse a model built with option A or C."""
+    for m in model.modules():
+        option = getattr(m, "shortcut_option", "B")
+        if option != "B":
+            raise CheckpointError(
+                f"{name} ({fmt}) has torchvision's projection shortcuts (option B: a 1x1 projection only where "
+                f"the shape changes), but this model's ResNet uses shortcut option {option}, whose shortcut "
+                f"weights differ; build it with shortcut B (model.backbone.shortcut=B / model.shortcut=B) to load it"
+            )
+
+
 def load_weights(
     model: nn.Module, source: Union[PathLike, Mapping[str, Any]], *, prefer_ema: bool = True
 ) -> LoadReport:
@@ -356,6 +368,8 @@ def load_weights(
     else:
         name, obj = str(source), load_checkpoint(source)
     fmt, ckpt, non_tensor, used = _detect_and_convert(obj, name, prefer_ema)
+    if fmt in (FMT_TV_CLS, FMT_TV_DET):
+        _check_projection_shortcuts(model, name, fmt)
 
     model_sd = model.state_dict()
     model_shapes = {k: tuple(v.shape) for k, v in model_sd.items()}

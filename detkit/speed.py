@@ -247,7 +247,8 @@ class FusedBottleneck(nn.Module):
         self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
         self.conv2 = InferenceConv2d(block.conv2, relu=True, dtype=dtype)
         self.conv3 = InferenceConv2d(block.conv3, relu=False, dtype=dtype)
-        self.shortcut: Optional[nn.Module] = block.shortcut  # folded ConvNormAct, converted by the caller
+        # folded ConvNormAct (converted by the caller), an option-A PadShortcut, or None
+        self.shortcut: Optional[nn.Module] = block.skip
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
@@ -261,7 +262,7 @@ class FusedBasicBlock(nn.Module):
         super().__init__()
         self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
         self.conv2 = InferenceConv2d(block.conv2, relu=False, dtype=dtype)
-        self.shortcut: Optional[nn.Module] = block.shortcut
+        self.shortcut: Optional[nn.Module] = block.skip
 
     def forward(self, x: Tensor) -> Tensor:
         identity = x if self.shortcut is None else self.shortcut(x)
@@ -399,7 +400,7 @@ class _Converter:
         if isinstance(m, Stem) and _folded(m.bn1):
             return FusedStem(m, self.dtype)
         if isinstance(m, (Bottleneck, BasicBlock)) and _folded(
-            m.bn1, m.bn2, getattr(m, "bn3", None), None if m.shortcut is None else m.shortcut.norm
+            m.bn1, m.bn2, getattr(m, "bn3", None), getattr(m.skip, "norm", None)
         ):
             fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, self.dtype)
             self.children(fused)  # the shortcut

@@ -81,7 +81,8 @@ def build_model(cfg: ClassificationConfig, num_classes: int, device: torch.devic
     norm = cfg.model.norm
     if norm == "SyncBN" and (get_world_size() == 1 or device.type == "cpu"):
         norm = "BN"  # one process: SyncBN equals BN; CPU: torch's SyncBatchNorm has no CPU kernel
-    model = build_classifier(cfg.model.arch, num_classes, norm=norm, zero_init_residual=cfg.model.zero_init_residual)
+    model = build_classifier(cfg.model.arch, num_classes, norm=norm, zero_init_residual=cfg.model.zero_init_residual,
+                             shortcut=cfg.model.shortcut)
     if cfg.model.weights:
         logger.info("Initializing from model.weights:\n%s", load_weights(model, cfg.model.weights).summary())
     model.to(device)
@@ -150,9 +151,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     optimizer = build_optimizer(cfg, model)
     train_batches = EpochBatches(train_ds, bpp, cfg.dataloader.num_workers, cfg.train.seed)
     ipe = train_batches.iters_per_epoch
-    max_iters = cfg.train.epochs * ipe
-    schedule = LRSchedule(max_iters, "cosine", warmup_iters=int(round(cfg.train.warmup_epochs * ipe)),
-                          warmup_factor=0.01)
+    t = cfg.train
+    max_iters = t.max_iters or t.epochs * ipe
+    num_epochs = -(-max_iters // ipe)  # the last one may be partial with train.max_iters
+    schedule = LRSchedule(max_iters, t.lr_schedule, t.steps, t.gamma,
+                          warmup_iters=int(round(t.warmup_epochs * ipe)), warmup_factor=0.01)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.train.label_smoothing)
 
     def loss_fn(net: nn.Module, batch) -> dict[str, torch.Tensor]:
@@ -160,12 +163,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     trainer = Trainer(model, optimizer, train_batches, max_iters, device=device, amp=cfg.train.amp, loss_fn=loss_fn)
     start_epoch, history = maybe_resume(args, out, model, optimizer, trainer.scaler)
-    trainer.start_iter = trainer.iter = min(start_epoch, cfg.train.epochs) * ipe
+    trainer.start_iter = trainer.iter = min(start_epoch * ipe, max_iters)
     train_batches.epoch = start_epoch
 
     writer = MetricsWriter(out, cfg.train.log_period)
-    epoch_hook = EpochEndHook(ipe, cfg.train.epochs, build_val_loader(val_ds, bpp, cfg.dataloader.num_workers),
-                              writer, amp=trainer.amp)
+    epoch_hook = EpochEndHook(ipe, num_epochs, build_val_loader(val_ds, bpp, cfg.dataloader.num_workers),
+                              writer, amp=trainer.amp, max_iters=max_iters)
     epoch_hook.history = history
     config_dict = cfg.model_dump(mode="json")
     checkpointer = PeriodicCheckpointer(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 from typing import Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 NormName = Literal["BN", "FrozenBN", "GN", "SyncBN", ""]
 
@@ -31,13 +31,21 @@ RESNET_ARCHS: tuple[str, ...] = (
 )
 
 
-def check_arch(name: str) -> str:
-    """``name`` if it is one of :data:`RESNET_ARCHS`, else ValueError naming the nearest valid name."""
-    if name in RESNET_ARCHS:
+# The paper's CIFAR ResNets (classification only); repeats ``detkit.models.classifier.CIFAR_ARCHS``.
+CIFAR_ARCHS: tuple[str, ...] = tuple(f"cifar_resnet{d}" for d in (20, 32, 44, 56, 110, 1202))
+
+# The ResNet paper's shortcut options: A zero-padded identity, B projection where the shape changes
+# (torchvision's ImageNet models, the default), C projection on every block.
+ShortcutName = Literal["A", "B", "C"]
+
+
+def check_arch(name: str, valid: tuple[str, ...] = RESNET_ARCHS) -> str:
+    """``name`` if it is one of ``valid`` (:data:`RESNET_ARCHS`), else ValueError naming the nearest valid name."""
+    if name in valid:
         return name
-    close = difflib.get_close_matches(str(name), RESNET_ARCHS, n=1, cutoff=0.6)
+    close = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
     hint = f"did you mean {close[0]!r}? " if close else ""
-    raise ValueError(f"unknown architecture {name!r}; {hint}valid names: {', '.join(RESNET_ARCHS)}")
+    raise ValueError(f"unknown architecture {name!r}; {hint}valid names: {', '.join(valid)}")
 
 
 class _Strict(BaseModel):
@@ -52,6 +60,7 @@ class BackboneConfig(_Strict):
     # (2, the default, freezes stem + res2; 5 freezes the whole backbone)
     freeze_at: int = Field(2, ge=0, le=5)
     stride_in_1x1: bool = False  # True for Caffe2/MSRA weights
+    shortcut: ShortcutName = "B"  # paper's option; torchvision's weights load only into B
     zero_init_residual: bool = False
     out_features: list[str] = ["res2", "res3", "res4", "res5"]
     weights: Optional[str] = None  # pretrained classification weights (any load_weights format)
@@ -242,16 +251,17 @@ class DetectionConfig(_Strict):
 
 # --------------------------------------------------------------------------- classification
 class ClsModelConfig(_Strict):
-    arch: str = "resnet18"  # one of RESNET_ARCHS
+    arch: str = "resnet18"  # one of RESNET_ARCHS, or CIFAR_ARCHS (cifar_resnet20 ... cifar_resnet1202)
     num_classes: Optional[int] = None  # None: number of class folders
     norm: NormName = "BN"
+    shortcut: Optional[ShortcutName] = None  # None: the network's own (B for ImageNet ResNets, A for CIFAR)
     zero_init_residual: bool = True
     weights: Optional[str] = None
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        return check_arch(v)
+        return check_arch(v, RESNET_ARCHS + CIFAR_ARCHS)
 
 
 class ClsInputConfig(_Strict):
@@ -261,6 +271,10 @@ class ClsInputConfig(_Strict):
     std: tuple[float, float, float] = (58.395, 57.12, 57.375)
     hflip_prob: float = 0.5
     min_crop_scale: float = 0.08
+    # train crop: "random_resized" (ImageNet: RandomResizedCrop(size, scale=(min_crop_scale, 1))) or
+    # "pad_crop" (CIFAR: zero-pad crop_padding pixels on each side, then a random size x size crop)
+    train_crop: Literal["random_resized", "pad_crop"] = "random_resized"
+    crop_padding: int = Field(4, ge=0)
 
 
 class ClsTrainConfig(_Strict):
@@ -272,9 +286,21 @@ class ClsTrainConfig(_Strict):
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     warmup_epochs: float = 5.0
+    lr_schedule: Literal["cosine", "multistep"] = "cosine"
+    steps: list[int] = []  # multistep: iterations where the LR is multiplied by gamma
+    gamma: float = 0.1
+    max_iters: Optional[int] = Field(None, ge=1)  # the run's length in iterations instead of ``epochs`` (the last epoch may be partial)
     amp: Literal["none", "fp16", "bf16", "auto"] = "auto"  # auto: bf16 where native, fp16 on old GPUs, else fp32
     seed: int = 42
     log_period: int = 20
+
+    @model_validator(mode="after")
+    def _multistep_needs_steps(self) -> "ClsTrainConfig":
+        if self.lr_schedule == "multistep" and (not self.steps or self.steps != sorted(set(self.steps))
+                                                or self.steps[0] < 1):
+            raise ValueError(f"train.steps={self.steps}: train.lr_schedule=multistep needs increasing positive "
+                             "iterations, e.g. train.steps=[32000,48000]")
+        return self
 
 
 class ClsDataConfig(_Strict):

@@ -171,10 +171,13 @@ class EpochEndHook(HookBase):
         num_epochs: epochs of the run (for the log line).
         val_loader: from :func:`build_val_loader`.
         writer: optional MetricsWriter whose SummaryWriter receives ``val/top1``, ``val/top5``.
+        max_iters: the run's last iteration count; a partial last epoch (``train.max_iters``) is
+            evaluated when it ends. None: runs end on epoch boundaries.
     """
 
     def __init__(self, iters_per_epoch: int, num_epochs: int, val_loader: DataLoader,
-                 writer: Optional[Any] = None, amp: str = "none") -> None:
+                 writer: Optional[Any] = None, amp: str = "none", max_iters: Optional[int] = None) -> None:
+        self.max_iters = max_iters
         self.ipe = iters_per_epoch
         self.num_epochs = num_epochs
         self.val_loader = val_loader
@@ -200,9 +203,9 @@ class EpochEndHook(HookBase):
             self._loss_sum += t.storage.latest["total_loss"][0]
             self._loss_n += 1
         completed = t.iter + 1
-        if completed % self.ipe != 0:
+        if completed % self.ipe != 0 and completed != self.max_iters:
             return
-        epoch = completed // self.ipe
+        epoch = -(-completed // self.ipe)
         metrics, val_skipped = evaluate_classifier(t.model, self.val_loader, t.device, self.amp)
         train_skipped = int(reduce_dict(
             {"s": float(t.storage.skipped_images - self._skipped_at_epoch_start)}, average=False)["s"])

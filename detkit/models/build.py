@@ -31,6 +31,7 @@ def build_backbone(cfg: ModelConfig) -> BackboneWithFPN:
         stride_in_1x1=b.stride_in_1x1,
         zero_init_residual=b.zero_init_residual,
         out_features=tuple(b.out_features),
+        shortcut=b.shortcut,
     )
     fpn = FPN(bottom_up.output_specs, out_channels=cfg.fpn.out_channels, norm=cfg.fpn.norm, top_block=cfg.fpn.top_block)
     return BackboneWithFPN(bottom_up, fpn)

@@ -4,20 +4,33 @@ Module names follow the torchvision layout with Detectron2 stage names:
 ``stem.conv1``, ``stem.bn1``, ``res{2..5}.{i}.conv{1,2,3}``, ``res{2..5}.{i}.bn{1,2,3}`` and
 ``res{2..5}.{i}.shortcut.{conv,norm}`` for projection shortcuts (torchvision's
 ``downsample.{0,1}``). :func:`convert_torchvision_resnet` maps torchvision keys.
+
+Shortcut options of the ResNet paper (He et al. 2015, Table 3), ``shortcut=`` on blocks and
+networks:
+
+* ``"A"``: identity everywhere; where the shape changes the identity is subsampled with the
+  stride and zero-padded with the extra channels (:class:`PadShortcut`, no parameters).
+* ``"B"`` (default, torchvision's ImageNet models): a 1x1 projection + norm where the shape
+  changes, identity elsewhere.
+* ``"C"``: a projection on every block. The blocks where B has an identity get theirs as
+  ``res{k}.{i}.proj_shortcut.{conv,norm}``, so no B key changes meaning.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping, Sequence, Union
+from typing import Literal, Mapping, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...layers import ConvNormAct, FrozenBatchNorm2d, get_norm
 from ...structures import FeatureSpec
 
 __all__ = [
+    "SHORTCUTS",
+    "PadShortcut",
     "BasicBlock",
     "Bottleneck",
     "Stem",
@@ -29,6 +42,43 @@ __all__ = [
 ]
 
 STAGE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
+SHORTCUTS: tuple[str, ...] = ("A", "B", "C")
+ShortcutOption = Literal["A", "B", "C"]
+
+
+class PadShortcut(nn.Module):
+    """Option-A shortcut: identity subsampled by ``stride``, then zero-padded from ``in_ch`` to ``out_ch``
+    channels (the new channels come last and are exactly zero). No parameters."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int = 1) -> None:
+        super().__init__()
+        if out_ch < in_ch:
+            raise ValueError(f"PadShortcut cannot reduce channels ({in_ch} -> {out_ch}); use a projection (B or C)")
+        self.in_channels, self.out_channels, self.stride = in_ch, out_ch, stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = x[:, :, :: self.stride, :: self.stride]  # (N, C, H, W) -> (N, C, ceil(H/s), ceil(W/s))
+        if self.out_channels > self.in_channels:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.out_channels - self.in_channels))  # (N, C, ..) -> (N, C', ..)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, stride={self.stride}"
+
+
+def _shortcuts(option: str, in_ch: int, out_ch: int, stride: int, norm: str) -> tuple[Optional[nn.Module], Optional[nn.Module]]:
+    """``(shortcut, proj_shortcut)`` of a block for shortcut ``option`` (at most one is not None)."""
+    if option not in SHORTCUTS:
+        raise ValueError(f"unknown shortcut option {option!r}; use 'A' (zero-padded identity), "
+                         "'B' (projection where the shape changes) or 'C' (projection everywhere)")
+    changes = stride != 1 or in_ch != out_ch
+    if option == "A":
+        return (PadShortcut(in_ch, out_ch, stride) if changes else None), None
+    if not changes and option == "B":
+        return None, None
+    proj = ConvNormAct(in_ch, out_ch, 1, stride=stride, padding=0, norm=norm, activation=False)
+    return (proj, None) if changes else (None, proj)
 
 
 class BasicBlock(nn.Module):
@@ -45,6 +95,7 @@ class BasicBlock(nn.Module):
         width_per_group: int = 64,
         norm: str = "BN",
         stride_in_1x1: bool = False,
+        shortcut: ShortcutOption = "B",
     ) -> None:
         super().__init__()
         if groups != 1 or width_per_group != 64:
@@ -55,20 +106,23 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(planes, out_ch, 3, padding=1, bias=False)
         self.bn2 = get_norm(norm, out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = ConvNormAct(in_ch, out_ch, 1, stride=stride, padding=0, norm=norm,
-                                        activation=False)
+        self.shortcut, self.proj_shortcut = _shortcuts(shortcut, in_ch, out_ch, stride, norm)
 
     @property
     def last_norm(self) -> nn.Module:
         """The norm at the end of the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn2
 
+    @property
+    def skip(self) -> Optional[nn.Module]:
+        """The module on the shortcut path (None: identity)."""
+        return self.shortcut if self.shortcut is not None else self.proj_shortcut
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
+        skip = self.skip
+        identity = x if skip is None else skip(x)
         return self.relu(out + identity)
 
 
@@ -91,6 +145,7 @@ class Bottleneck(nn.Module):
         width_per_group: int = 64,
         norm: str = "BN",
         stride_in_1x1: bool = False,
+        shortcut: ShortcutOption = "B",
     ) -> None:
         super().__init__()
         width = int(planes * (width_per_group / 64.0)) * groups
@@ -104,21 +159,24 @@ class Bottleneck(nn.Module):
         self.conv3 = nn.Conv2d(width, out_ch, 1, bias=False)
         self.bn3 = get_norm(norm, out_ch)
         self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module | None = None
-        if stride != 1 or in_ch != out_ch:
-            self.shortcut = ConvNormAct(in_ch, out_ch, 1, stride=stride, padding=0, norm=norm,
-                                        activation=False)
+        self.shortcut, self.proj_shortcut = _shortcuts(shortcut, in_ch, out_ch, stride, norm)
 
     @property
     def last_norm(self) -> nn.Module:
         """The norm at the end of the residual branch (zeroed by ``zero_init_residual``)."""
         return self.bn3
 
+    @property
+    def skip(self) -> Optional[nn.Module]:
+        """The module on the shortcut path (None: identity)."""
+        return self.shortcut if self.shortcut is not None else self.proj_shortcut
+
     def forward(self, x: Tensor) -> Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
         out = self.bn3(self.conv3(out))
-        identity = x if self.shortcut is None else self.shortcut(x)
+        skip = self.skip
+        identity = x if skip is None else skip(x)
         return self.relu(out + identity)
 
 
@@ -167,9 +225,11 @@ class ResNet(nn.Module):
         out_features: which of res2..res5 ``forward`` returns; stages after the
             last requested one are not built.
         freeze_at: see :meth:`freeze`.
+        shortcut: the paper's shortcut option, ``"A"``, ``"B"`` (default) or ``"C"`` (module docstring).
 
     Attributes:
         output_specs: ``{name: FeatureSpec(channels, stride)}`` for ``out_features``.
+        shortcut_option: the ``shortcut`` it was built with.
     """
 
     def __init__(
@@ -183,6 +243,7 @@ class ResNet(nn.Module):
         zero_init_residual: bool = False,
         out_features: Sequence[str] = STAGE_NAMES,
         freeze_at: int = 0,
+        shortcut: ShortcutOption = "B",
     ) -> None:
         super().__init__()
         out_features = tuple(out_features)
@@ -193,6 +254,7 @@ class ResNet(nn.Module):
         if len(layers) != 4:
             raise ValueError(f"ResNet needs 4 stage depths, got {list(layers)}")
         self.out_features = out_features
+        self.shortcut_option = shortcut
         self.stem = Stem(3, 64, norm)
         num_stages = max(STAGE_NAMES.index(f) for f in out_features) + 1
         self.stage_names: tuple[str, ...] = STAGE_NAMES[:num_stages]
@@ -205,32 +267,14 @@ class ResNet(nn.Module):
             blocks = []
             for j in range(layers[i]):
                 blocks.append(block(in_ch, planes, first_stride if j == 0 else 1, groups,
-                                    width_per_group, norm, stride_in_1x1))
+                                    width_per_group, norm, stride_in_1x1, shortcut))
                 in_ch = planes * block.expansion
             stride *= first_stride
             self.add_module(name, nn.Sequential(*blocks))
             specs[name] = FeatureSpec(channels=in_ch, stride=stride)
         self.output_specs: dict[str, FeatureSpec] = {k: specs[k] for k in out_features}
-        self._init_weights(zero_init_residual)
+        init_resnet_weights(self, zero_init_residual)
         self.freeze(freeze_at)
-
-    def _init_weights(self, zero_init_residual: bool) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, (BasicBlock, Bottleneck)):
-                    norm = m.last_norm
-                    if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm,
-                                         FrozenBatchNorm2d)):
-                        with torch.no_grad():
-                            norm.weight.zero_()
 
     def freeze(self, freeze_at: int) -> "ResNet":
         """Freeze the first ``freeze_at`` parts of the backbone, numbered as Detectron2's FREEZE_AT.
@@ -267,6 +311,25 @@ class ResNet(nn.Module):
         return outputs
 
 
+def init_resnet_weights(net: nn.Module, zero_init_residual: bool) -> None:
+    """Kaiming normal (fan_out, ReLU) convs, unit/zero norms; optionally zero each block's last norm."""
+    for m in net.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    if zero_init_residual:
+        for m in net.modules():
+            if isinstance(m, (BasicBlock, Bottleneck)):
+                norm = m.last_norm
+                if isinstance(norm, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)):
+                    with torch.no_grad():
+                        norm.weight.zero_()
+
+
 def build_resnet(
     name: str,
     norm: str = "FrozenBN",
@@ -274,11 +337,13 @@ def build_resnet(
     stride_in_1x1: bool = False,
     zero_init_residual: bool = False,
     out_features: Sequence[str] = STAGE_NAMES,
+    shortcut: ShortcutOption = "B",
 ) -> ResNet:
     """Build a named ResNet variant (torchvision names, e.g. ``resnet50``, ``resnext101_32x8d``).
 
     ``freeze_at`` follows Detectron2's FREEZE_AT numbering: 0 freezes nothing, 1 the stem,
     k >= 2 the stem and res2..res{k} (default 2: stem + res2); see :meth:`ResNet.freeze`.
+    ``shortcut`` is the paper's option A, B (default; torchvision's weights need it) or C.
     Raises ValueError for an unknown name.
     """
     if name not in ARCHS:
@@ -294,6 +359,7 @@ def build_resnet(
         zero_init_residual=zero_init_residual,
         out_features=out_features,
         freeze_at=freeze_at,
+        shortcut=shortcut,
     )
 
 
