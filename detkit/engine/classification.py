@@ -23,7 +23,7 @@ from ..data.imagefolder import ImageFolderDataset, check_class_sets, collate_cla
 from ..data.samplers import InferenceSampler, worker_init_fn
 from ..data.transforms import build_classification_transform
 from ..evaluation.classification import ClassificationMeter
-from .distributed import barrier, get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
+from .distributed import barrier, broadcast_buffers, get_rank, get_world_size, is_main_process, reduce_dict, unwrap_model
 from .trainer import HookBase, autocast_context
 
 __all__ = [
@@ -206,7 +206,7 @@ class EpochEndHook(HookBase):
         if completed % self.ipe != 0 and completed != self.max_iters:
             return
         epoch = -(-completed // self.ipe)
-        metrics, val_skipped = evaluate_classifier(t.model, self.val_loader, t.device, self.amp)
+        metrics, val_skipped = evaluate_classifier(broadcast_buffers(t.model), self.val_loader, t.device, self.amp)
         train_skipped = int(reduce_dict(
             {"s": float(t.storage.skipped_images - self._skipped_at_epoch_start)}, average=False)["s"])
         record = {

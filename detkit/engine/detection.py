@@ -23,7 +23,7 @@ from ..data.samplers import build_detection_test_loader, build_detection_train_l
 from ..data.transforms import build_detection_transform
 from ..evaluation.coco_eval import COCOEvaluator
 from ..models.build import build_detector
-from .distributed import barrier, get_world_size, is_main_process, unwrap_model
+from .distributed import barrier, broadcast_buffers, get_world_size, is_main_process, unwrap_model
 from .inference import inference_on_dataset
 
 __all__ = [
@@ -208,5 +208,6 @@ class DetectionData:
 
 
 def eval_model(model: nn.Module, ema: Optional[Any]) -> nn.Module:
-    """The model to evaluate: the EMA copy when EMA is on, else the (unwrapped) trained model."""
-    return ema.module if ema is not None else unwrap_model(model)
+    """The model to evaluate: the EMA copy when EMA is on, else the (unwrapped) trained model, with rank 0's
+    buffers on every process (the model the checkpoint holds; see :func:`broadcast_buffers`)."""
+    return broadcast_buffers(ema.module if ema is not None else unwrap_model(model))

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "broadcast_buffers",
     "init_distributed",
     "destroy_distributed",
     "is_distributed",
@@ -137,6 +138,23 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
+    """Copy ``src``'s buffers (BatchNorm running statistics) to every process, in place; returns ``module``.
+
+    Parameters stay in sync under DDP, but each process updates its BN statistics from its own
+    batches after DDP's last broadcast (and plain BN replaces SyncBN on CPU), so without this every
+    process would evaluate a slightly different model than the checkpoint, which rank ``src`` writes.
+    """
+    if is_distributed() and get_world_size() > 1:
+        on_gpu = dist.get_backend() == "nccl"
+        for buf in module.buffers():
+            t = buf.cuda() if on_gpu and not buf.is_cuda else buf
+            dist.broadcast(t, src=src)
+            if t is not buf:
+                buf.copy_(t)
+    return module
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
