@@ -104,7 +104,8 @@ def test_overfit_two_images_losses_decrease() -> None:
     assert last["loss_rpn_loc"] < first["loss_rpn_loc"], (first, last)
     # loss_box_reg is normalized by all sampled RoIs: it first grows as better proposals put more
     # foreground RoIs in the sample, so it is only required to stay finite (checked every step).
-    assert sum(last.values()) < 0.6 * sum(first.values()), (first, last)
+    rest = [k for k in first if k != "loss_box_reg"]
+    assert sum(last[k] for k in rest) < 0.5 * sum(first[k] for k in rest), (first, last)
 
 
 def test_image_without_gt_trains() -> None:

@@ -2,7 +2,7 @@
 
 Tiny R18 models with random weights whose classifier is rewired so that detections depend on the
 image: class logits are positive projections of the box-head features and the background has a
-bias of +4. The blank image (the model's mean color) normalizes to exact zeros, so every feature
+bias of +4; the mask predictor gets Kaiming weights. The blank image (the model's mean color) normalizes to exact zeros, so every feature
 is 0 and no score passes the 0.05 threshold (zero detections); textured scenes give detections.
 """
 
@@ -95,6 +95,11 @@ def tiny_model(arch: str) -> torch.nn.Module:
         pred.cls_score.weight[:NUM_CLASSES] = u * alpha
         pred.cls_score.bias.zero_()
         pred.cls_score.bias[NUM_CLASSES] = 4.0  # background column is last
+        if model.roi_heads.mask_head is not None:
+            # training init starts every mask logit near 0 (std 0.001), where pasting at 0.5 is a coin
+            # flip on rounding; Kaiming init gives masks that depend on the features
+            torch.nn.init.kaiming_normal_(model.roi_heads.mask_head.predictor.weight, mode="fan_out",
+                                          generator=torch.Generator().manual_seed(2))
     return model
 
 
