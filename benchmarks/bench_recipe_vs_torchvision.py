@@ -15,9 +15,9 @@ warm-up from 0.001x, the LR divided by 10 at 75% and 90% of the run, shortest si
 The data is coco128's ``person`` class (``--category``): the images that contain a non-crowd
 instance, split by image id (every third image is a test image). Both are scored with pycocotools
 on the test images. Each (mode, seed) runs in its own process; the table gives the mean and
-standard deviation over seeds of bbox and segm AP / AP50, and the median step time. A detkit run
-that stops on a non-finite loss (``train_det`` refuses the bad step) scores 0 AP, and the table
-counts it under "diverged" with the iteration it stopped at.
+standard deviation over seeds of bbox and segm AP / AP50, and the median step time. A run that
+stops on a non-finite loss (``train_det`` refuses the bad step; the torchvision loop does the same)
+scores 0 AP, and the table counts it under "diverged" with the iteration it stopped at.
 
     python benchmarks/bench_recipe_vs_torchvision.py                       # defaults: 3 seeds, 3 modes
     python benchmarks/bench_recipe_vs_torchvision.py --iters 300 --seeds 0 --modes detkit_fp32 \\
@@ -42,6 +42,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -107,10 +108,8 @@ def run_detkit(args: argparse.Namespace, amp: str, seed: int, train: Path, test:
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    diverged = re.search(r"iteration (\d+): non-finite loss", proc.stderr)
-    if proc.returncode != 0 and diverged:  # train_det stops before the bad step; the run scores 0 AP
-        return {**dict.fromkeys(("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50"), 0.0),
-                "step_s": _median_step(out), "wall_s": wall, "diverged_at": int(diverged.group(1))}
+    if proc.returncode != 0 and _detkit_diverged_at(out) is not None:
+        return _detkit_diverged(out, wall)
     if proc.returncode != 0:
         raise SystemExit(f"detkit run failed ({out}):\n{proc.stderr[-3000:]}")
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
@@ -119,6 +118,19 @@ def run_detkit(args: argparse.Namespace, amp: str, seed: int, train: Path, test:
         "segm_AP": metrics["segm/AP"], "segm_AP50": metrics["segm/AP50"],
         "step_s": _median_step(out), "wall_s": wall,
     }
+
+
+def _detkit_diverged_at(out: Path) -> Optional[int]:
+    """The iteration a detkit run stopped at on a non-finite loss (its log.txt's error line), else None."""
+    log = out / "log.txt"
+    found = re.search(r"iteration (\d+): non-finite loss", log.read_text(encoding="utf-8")) if log.is_file() else None
+    return int(found.group(1)) if found else None
+
+
+def _detkit_diverged(out: Path, wall: float) -> dict:
+    """The result of a run that train_det stopped before a non-finite step: it scores 0 AP."""
+    return {**dict.fromkeys(("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50"), 0.0),
+            "step_s": _median_step(out), "wall_s": wall, "diverged_at": _detkit_diverged_at(out)}
 
 
 def _median_step(out: Path) -> float:
@@ -200,8 +212,10 @@ def run_torchvision(args: argparse.Namespace, seed: int, train: Path, test: Path
         t0 = time.perf_counter()
         losses = model([s[0] for s in samples], [s[1] for s in samples])
         loss = sum(losses.values())
-        if not math.isfinite(float(loss)):
-            raise SystemExit(f"torchvision: non-finite loss at iteration {it}: {losses}")
+        if not math.isfinite(float(loss)):  # stop before the bad step, as train_det does; the run scores 0
+            print(f"torchvision: non-finite loss at iteration {it + 1}: {losses}", file=sys.stderr)
+            return {**dict.fromkeys(("bbox_AP", "bbox_AP50", "bbox_AP75", "segm_AP", "segm_AP50"), 0.0),
+                    "step_s": statistics.median(times[1:] or times), "wall_s": sum(times), "diverged_at": it + 1}
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -246,6 +260,12 @@ def run_one(args: argparse.Namespace, mode: str, seed: int, train: Path, test: P
     cached = out / "result.json"
     if cached.is_file() and not args.force:
         return json.loads(cached.read_text(encoding="utf-8"))
+    if mode != "torchvision" and not args.force and _detkit_diverged_at(out) is not None:
+        # an earlier run of this arm already stopped on a non-finite loss: its log is the record
+        res = _detkit_diverged(out, float("nan"))
+        res.update(mode=mode, tag=args.tag, seed=seed, threads=args.threads)
+        cached.write_text(json.dumps(res, indent=1), encoding="utf-8")
+        return res
     out.mkdir(parents=True, exist_ok=True)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # inherited by the run's process
     if mode == "torchvision":
@@ -267,7 +287,7 @@ def run_one(args: argparse.Namespace, mode: str, seed: int, train: Path, test: P
 def summarize(rows: list[dict]) -> str:
     def ms(vals: list[float]) -> str:
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
-        return f"{statistics.mean(vals):5.1f} ± {sd:3.1f}"
+        return f"{statistics.mean(vals):5.2f} ± {sd:4.2f}"
 
     lines = ["| mode | seeds | diverged | bbox AP | bbox AP50 | bbox AP75 | segm AP | segm AP50 | step s |",
              "|---|---|---|---|---|---|---|---|---|"]
