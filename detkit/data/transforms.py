@@ -345,21 +345,19 @@ def build_classification_transform(cls_input_cfg: ClsInputConfig, is_train: bool
     val = resize short side to ``size / resize_ratio`` then centre crop; both normalize with the 0-255 mean/std."""
     size = int(cls_input_cfg.size)
     normalize = A.Normalize(mean=cls_input_cfg.mean, std=cls_input_cfg.std, max_pixel_value=1.0)
-    if is_train and cls_input_cfg.train_crop == "pad_crop":
-        pad = int(cls_input_cfg.crop_padding)
-        ops: list[A.BasicTransform] = [
-            A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),  # a no-op on size x size images
-            A.CenterCrop(height=size, width=size),
-            A.PadIfNeeded(min_height=size + 2 * pad, min_width=size + 2 * pad, border_mode=cv2.BORDER_CONSTANT,
-                          fill=0),
-            A.RandomCrop(height=size, width=size),
-        ]
-        if cls_input_cfg.hflip_prob > 0:
-            ops.append(A.HorizontalFlip(p=cls_input_cfg.hflip_prob))
-    elif is_train:
-        ops = [
-            A.RandomResizedCrop(size=(size, size), scale=(cls_input_cfg.min_crop_scale, 1.0), interpolation=cv2.INTER_LINEAR)
-        ]
+    if is_train:
+        if cls_input_cfg.train_crop == "pad_crop":
+            pad = int(cls_input_cfg.crop_padding)
+            ops: list[A.BasicTransform] = [
+                A.SmallestMaxSize(max_size=size, interpolation=cv2.INTER_LINEAR),  # a no-op on size x size images
+                A.CenterCrop(height=size, width=size),
+                A.PadIfNeeded(min_height=size + 2 * pad, min_width=size + 2 * pad,
+                              border_mode=cv2.BORDER_CONSTANT, fill=0),
+                A.RandomCrop(height=size, width=size),
+            ]
+        else:
+            ops = [A.RandomResizedCrop(size=(size, size), scale=(cls_input_cfg.min_crop_scale, 1.0),
+                                       interpolation=cv2.INTER_LINEAR)]
         if cls_input_cfg.hflip_prob > 0:
             ops.append(A.HorizontalFlip(p=cls_input_cfg.hflip_prob))
     else:
