@@ -26,7 +26,7 @@ from detkit.engine import (
     param_groups,
     restore_training_state,
 )
-from detkit.engine.launch import run_cli
+from detkit.cli import run_cli
 
 
 # --------------------------------------------------------------------------- toy pieces

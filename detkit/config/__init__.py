@@ -17,11 +17,13 @@ import difflib
 import os
 import types
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional, Union, get_args, get_origin
+from typing import Any, Iterable, Literal, Optional, Sequence, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from ..errors import DetkitError
+from ..fileio import write_text_atomic
 from .schema import ClassificationConfig, Config, DetectionConfig
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "Config",
     "DetectionConfig",
     "load_config",
+    "load_detection_config",
+    "load_classification_config",
     "config_from_dict",
     "save_config",
     "merge_dicts",
@@ -40,7 +44,7 @@ BASE_KEY = "_base_"
 _UNION_ORIGINS = (Union, types.UnionType)
 
 
-class ConfigError(ValueError):
+class ConfigError(DetkitError, ValueError):
     """A config file, key or value is invalid. The message is one line that says what to fix."""
 
 
@@ -267,11 +271,28 @@ def config_to_dict(cfg: Config) -> dict:
     return cfg.model_dump(mode="json")
 
 
+def _load_task_config(path: Union[str, os.PathLike], overrides: Sequence[str], kind: type, tool: str,
+                      hint: str) -> Config:
+    cfg = load_config(path, list(overrides))
+    if not isinstance(cfg, kind):
+        task = "detection" if kind is DetectionConfig else "classification"
+        raise ConfigError(f"--config {path}: task is {cfg.task!r}; {tool} needs a {task} config ({hint})")
+    return cfg
+
+
+def load_detection_config(path: Union[str, os.PathLike], overrides: Sequence[str] = (),
+                          tool: str = "this tool") -> DetectionConfig:
+    """:func:`load_config`, which must give a detection config; else a one-line :class:`ConfigError` naming ``tool``."""
+    return _load_task_config(path, overrides, DetectionConfig, tool, "tools/pretrain_cls.py trains classifiers")
+
+
+def load_classification_config(path: Union[str, os.PathLike], overrides: Sequence[str] = (),
+                               tool: str = "pretrain_cls.py") -> ClassificationConfig:
+    """:func:`load_config`, which must give a classification config; else a one-line :class:`ConfigError`."""
+    return _load_task_config(path, overrides, ClassificationConfig, tool,
+                             "task: classification; tools/train_det.py trains detectors")
+
+
 def save_config(cfg: Config, path: Union[str, os.PathLike]) -> None:
     """Write the fully resolved config as YAML; :func:`load_config` reads it back identically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        yaml.safe_dump(config_to_dict(cfg), f, sort_keys=False)
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -16,6 +16,8 @@ from typing import Union
 import cv2
 import numpy as np
 
+from ..errors import DetkitError
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ImageReadError",
@@ -36,7 +38,7 @@ _PNG_SIG = b"\x89PNG\r\n\x1a\n"
 _PNG_IEND = b"IEND"
 
 
-class ImageReadError(OSError):
+class ImageReadError(DetkitError, OSError):
     """An image file could not be read or decoded.
 
     Attributes:

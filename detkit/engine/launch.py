@@ -1,53 +1,27 @@
-"""Run setup shared by the command-line tools: arguments, output folder, logging, seeding, clean errors."""
+"""Run setup shared by the command-line tools: arguments, output folder, logging, seeding."""
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import random
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
 
-from ..config import Config, ConfigError, save_config
-from .distributed import barrier, destroy_distributed, get_rank, is_main_process
+from ..config import Config, save_config
+from .distributed import get_rank, is_main_process
 
 __all__ = [
-    "default_argument_parser",
     "setup_output_dir",
     "setup_logging",
     "seed_everything",
-    "user_errors",
-    "run_cli",
 ]
 
 _HANDLER_TAG = "_detkit_handler"
-
-
-def default_argument_parser(description: Optional[str], weights: bool = False, resume: bool = True,
-                            default_subdir: str = "") -> argparse.ArgumentParser:
-    """``--config CONFIG [--output-dir DIR] [--resume] [--weights W] [key=value ...]``.
-
-    ``description`` is shown verbatim (:class:`argparse.RawDescriptionHelpFormatter`), so a tool
-    passes its whole module docstring and the examples in it keep their lines and indentation.
-    ``default_subdir`` only documents where the output goes without ``--output-dir``
-    (``setup_output_dir(..., default_subdir=...)`` must be given the same value).
-    """
-    p = argparse.ArgumentParser(description=(description or "").strip() or None,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", required=True, help="YAML config file")
-    where = f"<output_dir of the config>/{default_subdir}" if default_subdir else "output_dir of the config"
-    p.add_argument("--output-dir", default=None, help=f"output folder (default: {where})")
-    if resume:
-        p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pth")
-    if weights:
-        p.add_argument("--weights", required=True, help="checkpoint or weights file to evaluate")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iters=100")
-    return p
 
 
 class _TqdmHandler(logging.StreamHandler):
@@ -128,53 +102,3 @@ def seed_everything(seed: int, deterministic: bool = False, rank_offset: bool = 
         torch.backends.cudnn.benchmark = False
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     return s
-
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean "bad input" and get a one-line message instead of a traceback."""
-    types: list[type[BaseException]] = [ConfigError, FloatingPointError]
-    candidates = [
-        ("detkit.data.coco", "DatasetError"),
-        ("detkit.data", "DatasetError"),
-        ("detkit.data.images", "ImageReadError"),
-        ("detkit.data", "ImageReadError"),
-        ("detkit.checkpoint", "CheckpointError"),
-    ]
-    import importlib
-
-    for module, name in candidates:
-        try:
-            t = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError):
-            continue
-        if isinstance(t, type) and issubclass(t, BaseException) and t not in types:
-            types.append(t)
-    return tuple(types)
-
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], int | None], argv: Optional[Sequence[str]] = None) -> int:
-    """Call ``main(argv)``; expected user errors print ``error: <message>`` on one line and return 2.
-
-    Other exceptions keep their traceback. The process group is torn down either way.
-    """
-    expected = user_errors()
-    try:
-        rc = main(argv)
-        # every rank leaves together: a rank that tears down its process group while another is
-        # still writing checkpoints or reports can abort in the backend's teardown
-        barrier()
-        return int(rc or 0)
-    except expected as e:
-        msg = " ".join(str(e).split()) or type(e).__name__
-        prefix = "" if get_rank() == 0 else f"[rank {get_rank()}] "
-        print(f"{prefix}error: {msg}", file=sys.stderr, flush=True)
-        for h in logging.getLogger("detkit").handlers:  # keep the reason in log.txt too
-            if isinstance(h, logging.FileHandler):
-                h.handle(logging.makeLogRecord({"name": "detkit", "levelno": logging.ERROR,
-                                                "levelname": "ERROR", "msg": f"error: {msg}"}))
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        destroy_distributed()
