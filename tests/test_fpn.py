@@ -11,7 +11,8 @@ from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 
 from detkit.models.backbones.resnet import build_resnet
-from detkit.models.necks.fpn import FPN, BackboneWithFPN, convert_torchvision_fpn
+from detkit.checkpoint.torchvision import convert_torchvision_fpn
+from detkit.models.necks.fpn import FPN, BackboneWithFPN
 from detkit.structures import FeatureSpec
 
 CHANNELS = (64, 128, 256, 512)

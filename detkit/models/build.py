@@ -145,9 +145,8 @@ def build_roi_heads(cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: in
 def build_detector(cfg: DetectionConfig, num_classes: int) -> TwoStageDetector:
     """Build Faster/Mask R-CNN from ``cfg.model`` with ``num_classes`` foreground classes.
 
-    Loads ``model.backbone.weights`` into the ResNet and then ``model.weights`` into the whole
-    detector when set (any :func:`detkit.checkpoint.load_weights` format), logging the reports
-    to the ``detkit`` logger.
+    Builds only: the model has its fresh initialization. ``model.backbone.weights`` and
+    ``model.weights`` are loaded afterwards by :func:`detkit.checkpoint.load_initial_weights`.
     """
     m = cfg.model
     if num_classes is None or int(num_classes) < 1:
@@ -170,13 +169,4 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> TwoStageDetector:
         size_divisibility=m.size_divisibility,
         mask_threshold=m.mask_threshold,
     )
-    if m.backbone.weights or m.weights:
-        from ..checkpoint import load_weights  # lazy: detkit.checkpoint imports detkit.models
-
-        if m.backbone.weights:
-            report = load_weights(backbone.bottom_up, m.backbone.weights)
-            logger.info("model.backbone.weights: %s", report.summary())
-        if m.weights:
-            report = load_weights(model, m.weights)
-            logger.info("model.weights: %s", report.summary())
     return model

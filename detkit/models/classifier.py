@@ -35,6 +35,14 @@ class ResNetClassifier(nn.Module):
         self.backbone = backbone
         self.fc = nn.Linear(backbone.output_specs[self.feature].channels, num_classes)
 
+    @property
+    def num_classes(self) -> int:
+        return int(self.fc.out_features)
+
+    def class_layers(self) -> tuple[str, ...]:
+        """Submodules whose shapes depend on the number of classes (see :func:`detkit.checkpoint.check_fit`)."""
+        return ("fc",)
+
     def forward(self, x: Tensor) -> Tensor:
         """``x``: [N, 3, H, W] normalized images -> logits [N, num_classes]."""
         feat = self.backbone(x)[self.feature]

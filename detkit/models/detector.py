@@ -107,6 +107,19 @@ class TwoStageDetector(nn.Module):
         """Device of the model's parameters and buffers."""
         return self.pixel_mean.device
 
+    @property
+    def num_classes(self) -> int:
+        """K, the number of foreground classes."""
+        return int(self.roi_heads.num_classes)
+
+    def class_layers(self) -> tuple[str, ...]:
+        """Names of the submodules whose shapes depend on the number of classes: what weights of a
+        model with another class count leave re-initialized (see :func:`detkit.checkpoint.check_fit`)."""
+        layers = ["roi_heads.box_predictor"]
+        if getattr(self.roi_heads, "mask_head", None) is not None:
+            layers.append("roi_heads.mask_head.predictor")
+        return tuple(layers)
+
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, images: Sequence[Tensor]) -> tuple[Tensor, list[tuple[int, int]]]:
         """Normalize RGB 0..255 images and zero-pad them into one batch.

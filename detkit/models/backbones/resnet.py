@@ -3,7 +3,8 @@
 Module names follow the torchvision layout with Detectron2 stage names:
 ``stem.conv1``, ``stem.bn1``, ``res{2..5}.{i}.conv{1,2,3}``, ``res{2..5}.{i}.bn{1,2,3}`` and
 ``res{2..5}.{i}.shortcut.{conv,norm}`` for projection shortcuts (torchvision's
-``downsample.{0,1}``). :func:`convert_torchvision_resnet` maps torchvision keys.
+``downsample.{0,1}``). :func:`detkit.checkpoint.torchvision.convert_torchvision_resnet` maps
+torchvision keys.
 
 Shortcut options of the ResNet paper (He et al. 2015, Table 3), ``shortcut=`` on blocks and
 networks:
@@ -18,8 +19,7 @@ networks:
 
 from __future__ import annotations
 
-import re
-from typing import Literal, Mapping, Optional, Sequence, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,6 @@ __all__ = [
     "ARCHS",
     "STAGE_NAMES",
     "build_resnet",
-    "convert_torchvision_resnet",
 ]
 
 STAGE_NAMES: tuple[str, ...] = ("res2", "res3", "res4", "res5")
@@ -361,29 +360,3 @@ def build_resnet(
         freeze_at=freeze_at,
         shortcut=shortcut,
     )
-
-
-_TV_LAYER = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
-
-
-def convert_torchvision_resnet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename torchvision ResNet keys to detkit's.
-
-    ``conv1/bn1`` -> ``stem.conv1/stem.bn1``; ``layer{k}.{i}.*`` -> ``res{k+1}.{i}.*`` with
-    ``downsample.0/1`` -> ``shortcut.conv/shortcut.norm``; ``fc.*`` keeps its name (the
-    classifier head). Other keys are passed through unchanged. Values are not copied.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = key
-        if key.startswith(("conv1.", "bn1.")):
-            new = "stem." + key
-        else:
-            m = _TV_LAYER.match(key)
-            if m:
-                stage, idx, rest = m.groups()
-                rest = re.sub(r"^downsample\.0\.", "shortcut.conv.", rest)
-                rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
-                new = f"res{int(stage) + 1}.{idx}.{rest}"
-        out[new] = value
-    return out

@@ -1,5 +1,5 @@
 """Necks: the feature pyramid network."""
 
-from .fpn import FPN, BackboneWithFPN, convert_torchvision_fpn
+from .fpn import FPN, BackboneWithFPN
 
-__all__ = ["FPN", "BackboneWithFPN", "convert_torchvision_fpn"]
+__all__ = ["FPN", "BackboneWithFPN"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Mapping
 
 import torch.nn.functional as F
@@ -12,7 +11,7 @@ from torch import Tensor, nn
 from ...layers import ConvNormAct
 from ...structures import FeatureSpec
 
-__all__ = ["FPN", "LastLevelMaxPool", "LastLevelP6P7", "BackboneWithFPN", "convert_torchvision_fpn"]
+__all__ = ["FPN", "LastLevelMaxPool", "LastLevelP6P7", "BackboneWithFPN"]
 
 
 def _level(stride: int, name: str) -> int:
@@ -162,32 +161,3 @@ class BackboneWithFPN(nn.Module):
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         """``x``: [N, 3, H, W] -> ``{p_k: [N, C, H / 2^k, W / 2^k]}``."""
         return self.fpn(self.bottom_up(x))
-
-
-_TV_FPN = re.compile(r"^(inner_blocks|layer_blocks)\.(\d+)\.(?:(\d+)\.)?(weight|bias|running_mean|"
-                     r"running_var|num_batches_tracked)$")
-
-
-def convert_torchvision_fpn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename ``torchvision.ops.FeaturePyramidNetwork`` keys to :class:`FPN` keys.
-
-    ``inner_blocks.{i}.0.*`` (and the pre-0.13 ``inner_blocks.{i}.*``) ->
-    ``lateral_convs.{i}.conv.*``; ``.1.*`` (a norm layer) -> ``.norm.*``; likewise
-    ``layer_blocks`` -> ``output_convs``; ``extra_blocks.*`` -> ``top_block.*``.
-    Other keys pass through unchanged.
-    """
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = key
-        m = _TV_FPN.match(key)
-        if m:
-            block, idx, sub, leaf = m.groups()
-            target = "lateral_convs" if block == "inner_blocks" else "output_convs"
-            part = "norm" if sub == "1" else "conv"
-            if sub not in (None, "0", "1"):
-                part = sub  # unknown layout: keep the index so it is reported, not silently lost
-            new = f"{target}.{idx}.{part}.{leaf}"
-        elif key.startswith("extra_blocks."):
-            new = "top_block." + key[len("extra_blocks."):]
-        out[new] = value
-    return out

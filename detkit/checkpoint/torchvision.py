@@ -1,4 +1,6 @@
-"""Convert torchvision detection state dicts (Faster / Mask R-CNN, ResNet-FPN) to detkit keys.
+"""The torchvision checkpoint formats: ResNet classifiers and Faster / Mask R-CNN ResNet-FPN detectors.
+
+:data:`CLASSIFICATION` and :data:`DETECTION` recognize and convert them to detkit keys.
 
 Key mapping (``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``, v1; old and new layouts):
 
@@ -32,10 +34,70 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from .backbones.resnet import convert_torchvision_resnet
-from .necks.fpn import convert_torchvision_fpn
+from .base import ForeignFormat
 
-__all__ = ["convert_torchvision_detection"]
+__all__ = [
+    "CLASSIFICATION",
+    "DETECTION",
+    "convert_torchvision_detection",
+    "convert_torchvision_fpn",
+    "convert_torchvision_resnet",
+]
+
+
+_TV_LAYER = re.compile(r"^layer([1-4])\.(\d+)\.(.+)$")
+
+
+def convert_torchvision_resnet(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename torchvision ResNet keys to detkit's.
+
+    ``conv1/bn1`` -> ``stem.conv1/stem.bn1``; ``layer{k}.{i}.*`` -> ``res{k+1}.{i}.*`` with
+    ``downsample.0/1`` -> ``shortcut.conv/shortcut.norm``; ``fc.*`` keeps its name (the
+    classifier head). Other keys are passed through unchanged. Values are not copied.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new = key
+        if key.startswith(("conv1.", "bn1.")):
+            new = "stem." + key
+        else:
+            m = _TV_LAYER.match(key)
+            if m:
+                stage, idx, rest = m.groups()
+                rest = re.sub(r"^downsample\.0\.", "shortcut.conv.", rest)
+                rest = re.sub(r"^downsample\.1\.", "shortcut.norm.", rest)
+                new = f"res{int(stage) + 1}.{idx}.{rest}"
+        out[new] = value
+    return out
+
+
+_TV_FPN = re.compile(r"^(inner_blocks|layer_blocks)\.(\d+)\.(?:(\d+)\.)?(weight|bias|running_mean|"
+                     r"running_var|num_batches_tracked)$")
+
+
+def convert_torchvision_fpn(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename ``torchvision.ops.FeaturePyramidNetwork`` keys to :class:`FPN` keys.
+
+    ``inner_blocks.{i}.0.*`` (and the pre-0.13 ``inner_blocks.{i}.*``) ->
+    ``lateral_convs.{i}.conv.*``; ``.1.*`` (a norm layer) -> ``.norm.*``; likewise
+    ``layer_blocks`` -> ``output_convs``; ``extra_blocks.*`` -> ``top_block.*``.
+    Other keys pass through unchanged.
+    """
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        new = key
+        m = _TV_FPN.match(key)
+        if m:
+            block, idx, sub, leaf = m.groups()
+            target = "lateral_convs" if block == "inner_blocks" else "output_convs"
+            part = "norm" if sub == "1" else "conv"
+            if sub not in (None, "0", "1"):
+                part = sub  # unknown layout: keep the index so it is reported, not silently lost
+            new = f"{target}.{idx}.{part}.{leaf}"
+        elif key.startswith("extra_blocks."):
+            new = "top_block." + key[len("extra_blocks."):]
+        out[new] = value
+    return out
 
 _RPN_CONV_OLD = re.compile(r"^rpn\.head\.conv\.(weight|bias)$")
 _RPN_CONV_NEW = re.compile(r"^rpn\.head\.conv\.(\d+)\.0\.(weight|bias)$")
@@ -107,3 +169,17 @@ def convert_torchvision_detection(state_dict: Mapping[str, Tensor]) -> dict[str,
             val = value[1:]
         out[new] = val
     return out
+
+
+def _is_detection(state_dict: Mapping[str, Tensor]) -> bool:
+    return any(k.startswith("backbone.body.") for k in state_dict)
+
+
+def _is_classification(state_dict: Mapping[str, Tensor]) -> bool:
+    return "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict)
+
+
+#: torchvision Faster / Mask R-CNN ResNet-FPN state dicts (v1 and v2 layouts)
+DETECTION = ForeignFormat("torchvision detection", _is_detection, convert_torchvision_detection)
+#: torchvision ResNet / ResNeXt / Wide ResNet classification state dicts
+CLASSIFICATION = ForeignFormat("torchvision classification", _is_classification, convert_torchvision_resnet)

@@ -1,0 +1,30 @@
+"""The contract of a foreign checkpoint format (one module per format, e.g. :mod:`.torchvision`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+from torch import Tensor
+
+__all__ = ["ForeignFormat"]
+
+
+@dataclass(frozen=True)
+class ForeignFormat:
+    """How to recognize and convert one foreign state-dict layout to detkit key names.
+
+    Attributes:
+        name: shown in reports and messages, e.g. ``"torchvision detection"``.
+        matches: ``state_dict -> bool``; True when the (tensor-only, ``module.``-stripped)
+            state dict is in this format.
+        convert: ``state_dict -> state_dict`` with detkit names (and detkit's class order);
+            keys it does not know pass through unchanged so that they are reported, not lost.
+        projection_shortcuts: its ResNets use option-B shortcuts (a projection only where the
+            shape changes); a detkit model built with option A or C is refused.
+    """
+
+    name: str
+    matches: Callable[[Mapping[str, Tensor]], bool]
+    convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
+    projection_shortcuts: bool = True
