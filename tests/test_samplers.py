@@ -114,6 +114,11 @@ def _ids(loader, n: int) -> list[list[int]]:
     return [b.image_ids for b in take(loader, n)]
 
 
+def _draws(loader, n: int) -> list[list[float]]:
+    """The transform's random draw of each sample of the first ``n`` batches."""
+    return [[float(t.boxes[0, 3]) for t in b.targets] for b in take(loader, n)]
+
+
 @pytest.mark.parametrize("grouping", [True, False])
 def test_train_loader_resume_and_determinism(grouping: bool) -> None:
     ds = _Toy(11)
@@ -128,6 +133,12 @@ def test_train_loader_resume_and_determinism(grouping: bool) -> None:
             20 - k,
         )
         assert resumed == full[k:], k
+    # the augmentation too: a resumed run draws what the uninterrupted run drew for those batches
+    full_draws = _draws(build_detection_train_loader(ds, ds.aspect_ratios, 2, 0, seed=1,
+                                                     aspect_ratio_grouping=grouping), 12)
+    resumed_draws = _draws(build_detection_train_loader(ds, ds.aspect_ratios, 2, 0, seed=1, start_iter=5,
+                                                        aspect_ratio_grouping=grouping), 7)
+    assert resumed_draws == full_draws[5:]
     other_rank = _ids(
         build_detection_train_loader(ds, ds.aspect_ratios, 2, 0, seed=1, aspect_ratio_grouping=grouping, rank=1, world_size=2), 5
     )
@@ -146,8 +157,9 @@ def test_worker_seeding_is_deterministic_and_distinct() -> None:
     ids_b, draws_b = draws(2)
     assert ids_a == ids_b and draws_a == draws_b  # same seed: same data order and augmentation
     assert len(set(draws_a)) == len(draws_a)  # workers do not repeat each other's random stream
-    ids_0, _ = draws(0)
+    ids_0, draws_0 = draws(0)
     assert ids_0 == ids_a  # data order does not depend on the number of workers
+    assert draws_0 == draws_a  # nor does the augmentation
 
 
 def test_test_loader_keeps_order() -> None:

@@ -2,15 +2,17 @@
 
 Data order is a pure function of ``(seed, rank, world_size)``: the training stream is the
 concatenation of per-epoch permutations drawn with ``torch.Generator(seed + epoch)``, dealt
-round-robin to the ranks. A run resumed at iteration ``k`` replays exactly the batches the
-uninterrupted run would have produced from iteration ``k`` on.
+round-robin to the ranks. The augmentation of sample ``j`` of training batch ``b`` is seeded from
+``(seed, rank, b, j)`` alone (:class:`SeededIndex`). So a run resumed at iteration ``k`` replays
+exactly the batches, augmentation included, that the uninterrupted run would have produced from
+iteration ``k`` on, whatever the number of data-loading workers.
 """
 
 from __future__ import annotations
 
 import itertools
 import random
-from typing import Iterator, Optional, Sequence
+from typing import Any, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from .collate import collate_detection
 
 __all__ = [
+    "SeededIndex",
     "TrainingSampler",
     "AspectRatioGroupedBatchSampler",
     "InferenceSampler",
@@ -133,6 +136,47 @@ class AspectRatioGroupedBatchSampler(Sampler[list[int]]):
         return itertools.islice(self._batches(), self.start_batch, None)
 
 
+class SeededIndex(NamedTuple):
+    """A training sample: dataset ``index`` and the ``seed`` its augmentation is drawn with."""
+
+    index: int
+    seed: int
+
+
+def _sample_seed(base: int, batch: int, position: int) -> int:
+    return (base * 1_000_003 + batch * 4_099 + position) % 2**31
+
+
+class _SeededBatches(Sampler[list[SeededIndex]]):
+    """Batches of ``batch_sampler`` (numbered from ``start_batch``) with a seed per sample."""
+
+    def __init__(self, batch_sampler: Sampler[list[int]], base_seed: int, start_batch: int) -> None:
+        self.batch_sampler, self.base_seed, self.start_batch = batch_sampler, int(base_seed), int(start_batch)
+
+    def __iter__(self) -> Iterator[list[SeededIndex]]:
+        for b, batch in enumerate(self.batch_sampler, start=self.start_batch):
+            yield [SeededIndex(i, _sample_seed(self.base_seed, b, j)) for j, i in enumerate(batch)]
+
+
+class _ReseededDataset(Dataset):
+    """``dataset`` whose ``transform`` is reseeded with each :class:`SeededIndex`'s seed before its sample
+    is loaded (through ``dataset.__getitems__`` when it has one, else ``dataset[index]``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitems__(self, keys: Sequence[SeededIndex]) -> list[Any]:
+        fetch = getattr(self.dataset, "__getitems__", None)
+        out = []
+        for key in keys:
+            self.dataset.transform.set_random_seed(key.seed)  # type: ignore[attr-defined]
+            out.append(fetch([key.index])[0] if fetch is not None else self.dataset[key.index])
+        return out
+
+
 class InferenceSampler(Sampler[int]):
     """Contiguous shard of ``range(size)`` for one rank; the shards cover every index exactly once."""
 
@@ -193,9 +237,9 @@ def build_detection_train_loader(
 ) -> DataLoader:
     """Infinite, deterministic training loader yielding :class:`~detkit.structures.Batch`.
 
-    Batch ``i`` of the loader is the same whether the run started at iteration 0 or was resumed
-    with ``start_iter <= i``. Each rank gets a different shard of the stream and a different
-    augmentation seed. ``aspect_ratios`` are per-image w/h (``CocoData.aspect_ratios``).
+    Batch ``i`` of the loader, augmentation included, is the same whether the run started at
+    iteration 0 or was resumed with ``start_iter <= i``, and whatever ``num_workers``. Each rank gets
+    a different shard of the stream and different augmentation seeds. ``aspect_ratios`` are per-image w/h (``CocoData.aspect_ratios``).
     """
     rank, world_size = _dist_info(rank, world_size)
     n = len(dataset)  # type: ignore[arg-type]
@@ -210,13 +254,13 @@ def build_detection_train_loader(
     else:
         sampler = TrainingSampler(n, seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size_per_gpu)
         batch_sampler = AspectRatioGroupedBatchSampler(sampler, [0] * n, batch_size_per_gpu)
-    # the augmentation stream depends on (seed, rank, start_iter) only
-    aug_seed = (seed * 1_000_003 + rank * 7919 + start_iter) % 2**31
-    transform = getattr(dataset, "transform", None)
-    if num_workers == 0 and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(aug_seed)
+    aug_seed = (seed * 1_000_003 + rank * 7919) % 2**31
+    if hasattr(getattr(dataset, "transform", None), "set_random_seed"):
+        # each sample's augmentation depends on (seed, rank, batch number, position) only
+        batch_sampler = _SeededBatches(batch_sampler, aug_seed, start_iter)
+        dataset = _ReseededDataset(dataset)
     generator = torch.Generator()
-    generator.manual_seed(aug_seed)
+    generator.manual_seed(aug_seed + start_iter)
     return DataLoader(
         dataset,
         batch_sampler=batch_sampler,
