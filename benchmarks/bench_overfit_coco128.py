@@ -20,14 +20,17 @@ Exit status 0 when the target was reached, 1 when it was not.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from detkit.cli import run_cli
+from detkit.config import load_detection_config
+from detkit.engine.run_detection import train_detection
+from detkit.machine import cpu_model_name
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = ROOT.parent / "shared" / "data" / "coco128"
@@ -44,13 +47,6 @@ def first_annotated_images(src: Path, dst: Path, n: int) -> tuple[int, int, int]
     dst.write_text(json.dumps(d), encoding="utf-8")
     instances = [a for a in d["annotations"] if not a.get("iscrowd", 0)]
     return len(d["images"]), len(instances), len({a["category_id"] for a in instances})
-
-
-def load_tool(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_tool", ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)  # type: ignore[union-attr]
-    return mod
 
 
 def main() -> int:
@@ -97,10 +93,10 @@ def main() -> int:
     ]
     print(f"{n_img} images, {n_inst} instances of {n_cat} categories, {args.arch} R18-FPN from scratch, "
           f"{args.size} px, {args.iters} iterations at batch {args.batch}; torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}")
-    train_det = load_tool("train_det")
+          f"{torch.get_num_threads()} threads, {cpu_model_name()}")
     t0 = time.perf_counter()
-    rc = train_det.run_cli(train_det.main, ["--config", str(config), "--output-dir", str(out / "run"), *overrides])
+    cfg = load_detection_config(config, overrides)
+    rc = run_cli(lambda _: train_detection(cfg, out / "run") and 0)  # what tools/train_det.py runs
     wall = time.perf_counter() - t0
     if rc != 0:
         print(f"train_det failed (exit {rc}); see {out / 'run' / 'log.txt'}")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 from pathlib import Path
@@ -17,7 +16,9 @@ from detkit.config import load_config
 from detkit.data.synthetic import make_shapes_coco
 from detkit.engine import inference_on_dataset
 from detkit.engine.detection import build_evaluator, build_test_dataset, build_test_loader, load_split
-from detkit.engine.launch import run_cli
+from detkit.cli import default_argument_parser, run_cli
+from detkit.config import load_detection_config
+from detkit.engine.run_detection import evaluate_detection
 from detkit.structures import Detections
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,9 +29,13 @@ TINY_MODEL = [
     "model.roi_heads.mask_head.num_conv=1", "dataloader.num_workers=0",
 ]
 
-spec = importlib.util.spec_from_file_location("eval_det_tool", ROOT / "tools" / "eval_det.py")
-eval_det = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(eval_det)
+
+
+def eval_det(argv: list[str]) -> int:
+    """What tools/eval_det.py does with ``argv``, through the package functions; the exit code."""
+    args = default_argument_parser(None, weights=True, resume=False).parse_args(argv)
+    return run_cli(lambda _: evaluate_detection(load_detection_config(args.config, args.overrides), args.weights,
+                                                args.output_dir) and 0)
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +112,7 @@ def test_eval_det_writes_metrics_and_results_that_cocoeval_reproduces(shapes: di
     argv = ["--config", str(DEMO), "--weights", str(ckpt), "--output-dir", str(out), *TINY_MODEL,
             "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
             f"data.val.images={shapes['val_images']}", "input.min_size_test=96", "input.max_size_test=200", *extra]
-    assert run_cli(eval_det.main, argv) == 0
+    assert eval_det(argv) == 0
     printed = capsys.readouterr().out
     assert printed.count("Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]") == 2  # bbox+segm
     assert "Per-category bbox AP" in printed and "circle" in printed
@@ -134,7 +139,7 @@ def test_eval_det_rejects_weights_of_another_class_count(shapes: dict, tmp_path:
     argv = ["--config", str(DEMO), "--weights", str(ckpt), "--output-dir", str(tmp_path / "o"), *TINY_MODEL,
             "data.synthetic=null", f"data.val.annotations={shapes['val_annotations']}",
             f"data.val.images={shapes['val_images']}"]
-    assert run_cli(eval_det.main, argv) == 2
+    assert eval_det(argv) == 2
     stderr = capsys.readouterr().err
     err = [s for s in stderr.splitlines() if s.startswith("error:")]
     assert len(err) == 1 and "does not fit this config with 4 classes" in err[0] and str(ckpt) in err[0]

@@ -246,23 +246,20 @@ def test_cifar_config_is_the_papers_recipe() -> None:
 
 def test_embedded_cifar_variant_runs_multistep_to_max_iters(tmp_path: Path) -> None:
     """The embedded variant's tool path, shortened: max_iters ends mid-epoch, the LR drops at the steps."""
-    import importlib.util
-
+    from detkit.cli import run_cli
+    from detkit.config import load_classification_config
     from detkit.data.synthetic import make_shapes_imagefolder
-    from detkit.engine.launch import run_cli
+    from detkit.engine.run_classification import pretrain_classifier
 
-    spec = importlib.util.spec_from_file_location("pretrain_cls_tool", ROOT / "tools" / "pretrain_cls.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
     data = tmp_path / "data"
     make_shapes_imagefolder(data, num_per_class_train=6, num_per_class_val=2, image_size=32, seed=0)
     out = tmp_path / "run"
     overrides = {"data.train": data / "train", "data.val": data / "val", "data.synthetic": "null",
                  "train.batch_size": 8, "train.max_iters": 5, "train.steps": "[2,4]", "train.log_period": 1,
                  "dataloader.num_workers": 0, "train.amp": "none"}
-    argv = ["--config", str(ROOT / "configs" / "classification" / "shapes_cifar_resnet20.yaml"),
-            "--output-dir", str(out)] + [f"{k}={v}" for k, v in overrides.items()]
-    assert run_cli(tool.main, argv) == 0
+    cfg = load_classification_config(ROOT / "configs" / "classification" / "shapes_cifar_resnet20.yaml",
+                                     [f"{k}={v}" for k, v in overrides.items()])
+    assert run_cli(lambda _: pretrain_classifier(cfg, out) and 0) == 0
     records = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
     lrs = [r["lr"] for r in records if "total_loss" in r]
     assert lrs == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.001])

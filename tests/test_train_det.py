@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -15,7 +14,9 @@ import torch
 
 from detkit.checkpoint import load_checkpoint
 from detkit.data.synthetic import make_shapes_coco
-from detkit.engine.launch import run_cli
+from detkit.cli import default_argument_parser, run_cli
+from detkit.config import load_detection_config
+from detkit.engine.run_detection import evaluate_detection, train_detection
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -34,15 +35,18 @@ TINY = [
 ]
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def train_det(argv: list[str]) -> int:
+    """What tools/train_det.py does with ``argv``, through the package functions; the exit code."""
+    args = default_argument_parser(None).parse_args(argv)
+    return run_cli(lambda _: train_detection(load_detection_config(args.config, args.overrides), args.output_dir,
+                                             args.resume) and 0)
 
 
-train_det = _load("train_det")
-eval_det = _load("eval_det")
+def eval_det(argv: list[str]) -> int:
+    """What tools/eval_det.py does with ``argv``, through the package functions; the exit code."""
+    args = default_argument_parser(None, weights=True, resume=False).parse_args(argv)
+    return run_cli(lambda _: evaluate_detection(load_detection_config(args.config, args.overrides), args.weights,
+                                                args.output_dir) and 0)
 
 
 def _subset(src: Path, dst: Path, n: int) -> Path:
@@ -68,7 +72,7 @@ def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, c
         # random init: trainable BN keeps activations in range (FrozenBN is for pretrained weights)
         "model.backbone.norm=BN", "model.backbone.freeze_at=0", "train.base_lr=0.005",
     ]
-    assert run_cli(train_det.main, ["--config", str(MASK_R18), "--output-dir", str(out)] + ov) == 0
+    assert train_det(["--config", str(MASK_R18), "--output-dir", str(out)] + ov) == 0
     printed = capsys.readouterr().out
     assert "Average Precision  (AP) @[ IoU=0.50:0.95 | area=   all | maxDets=100 ]" in printed
     assert f"tensorboard --logdir {out}" in printed
@@ -102,7 +106,7 @@ def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, c
     # eval_det on the produced checkpoint
     ev = tmp_path / "eval"
     eval_ov = [o for o in ov if not o.startswith("data.train")]
-    assert run_cli(eval_det.main, ["--config", str(out / "config.yaml"), "--weights", str(ck / "last.pth"),
+    assert eval_det(["--config", str(out / "config.yaml"), "--weights", str(ck / "last.pth"),
                                    "--output-dir", str(ev)] + eval_ov) == 0
     ev_metrics = json.loads((ev / "metrics.json").read_text())
     assert "bbox/AP" in ev_metrics and "segm/AP" in ev_metrics
@@ -138,7 +142,7 @@ def test_corrupt_images_are_skipped_counted_and_training_completes(shapes: dict,
         p.write_bytes(p.read_bytes()[:200])  # truncated JPEG
     paths = {k: v.replace(shapes["root"], str(data)) for k, v in shapes.items()}
     out = tmp_path / "run"
-    assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)]
+    assert train_det(["--config", str(DEMO), "--output-dir", str(out)]
                    + _shapes_overrides(paths, **{"train.num_vis_images": 0, "train.ema": "true",
                                                   "train.ema_decay": 0.5})) == 0
     lines = [json.loads(s) for s in (out / "metrics.jsonl").read_text().splitlines()]
@@ -159,7 +163,7 @@ def test_nan_loss_stops_with_iteration_and_keeps_last_good_checkpoint(shapes: di
     out = tmp_path / "nan"
     ov = _shapes_overrides(shapes, **{"train.base_lr": 1e12, "train.warmup_iters": 0, "train.max_iters": 6,
                                       "train.num_vis_images": 0})
-    assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)] + ov) == 2
+    assert train_det(["--config", str(DEMO), "--output-dir", str(out)] + ov) == 2
     err = [s for s in capsys.readouterr().err.splitlines() if s.startswith("error:")]
     assert len(err) == 1 and "non-finite loss" in err[0] and "last good checkpoint kept" in err[0], err
     failed_at = int(err[0].split("iteration ")[1].split(":")[0])
@@ -179,7 +183,7 @@ def test_checkpoint_of_another_class_count_gives_a_load_report(shapes: dict, tmp
     torch.save({"model": build_detector(cfg, num_classes=7).state_dict()}, other)
     out = tmp_path / "run"
     ov = _shapes_overrides(shapes, **{"model.weights": other, "train.max_iters": 1, "train.num_vis_images": 0})
-    assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)] + ov) == 0
+    assert train_det(["--config", str(DEMO), "--output-dir", str(out)] + ov) == 0
     log = (out / "log.txt").read_text()
     assert "model.weights" in log and "mismatched" in log and "roi_heads" in log
 
@@ -202,7 +206,7 @@ def test_saved_config_records_category_ids_and_folder_for_eval_resume_and_infer(
     out = tmp_path / "run"
     ov = _shapes_overrides(shapes, **{"train.max_iters": 1, "train.num_vis_images": 0,
                                       "model.roi_heads.score_thresh_test": 0.0})
-    assert run_cli(train_det.main, ["--config", str(DEMO), "--output-dir", str(out)] + ov) == 0
+    assert train_det(["--config", str(DEMO), "--output-dir", str(out)] + ov) == 0
     saved = load_config(out / "config.yaml")
     assert saved.data.category_ids == [1, 3, 7, 9]  # the shapes set's (non-contiguous) category ids
     assert saved.data.class_names == ["circle", "rectangle", "triangle", "star"]
@@ -210,22 +214,23 @@ def test_saved_config_records_category_ids_and_folder_for_eval_resume_and_infer(
     train_metrics = (out / "metrics.json").read_text()
 
     # eval_det with the run's config and no --output-dir writes into run/eval, not over run/metrics.json
-    assert run_cli(eval_det.main, ["--config", str(out / "config.yaml"),
+    assert eval_det(["--config", str(out / "config.yaml"),
                                    "--weights", str(out / "checkpoints" / "last.pth")]) == 0
     assert (out / "eval" / "metrics.json").is_file() and (out / "eval" / "results.json").is_file()
     assert (out / "metrics.json").read_text() == train_metrics
 
     # --resume with the run's config continues in the run's folder
-    assert run_cli(train_det.main, ["--config", str(out / "config.yaml"), "--resume", "train.max_iters=2"]) == 0
+    assert train_det(["--config", str(out / "config.yaml"), "--resume", "train.max_iters=2"]) == 0
     assert load_checkpoint(out / "checkpoints" / "last.pth")["iteration"] == 2
     assert "Resumed from" in (out / "log.txt").read_text()
 
     # infer.py writes category ids the ground truth uses
-    infer = _load("infer")
     res = tmp_path / "res.json"
-    assert infer.main(["--config", str(out / "config.yaml"), "--weights", str(out / "checkpoints" / "last.pth"),
-                       "--input", shapes["val_images"], "--coco-json", shapes["val_annotations"],
-                       "--score-thresh", "0", "--save-json", str(res)]) == 0
+    proc = subprocess.run([sys.executable, str(ROOT / "tools" / "infer.py"), "--config", str(out / "config.yaml"),
+                           "--weights", str(out / "checkpoints" / "last.pth"), "--input", shapes["val_images"],
+                           "--coco-json", shapes["val_annotations"], "--score-thresh", "0", "--save-json", str(res)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     records = json.loads(res.read_text())
     gt = json.loads(Path(shapes["val_annotations"]).read_text())
     assert records and {r["category_id"] for r in records} <= {c["id"] for c in gt["categories"]}

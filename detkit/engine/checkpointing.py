@@ -35,6 +35,7 @@ __all__ = [
     "set_rng_state",
     "training_state",
     "restore_training_state",
+    "resume_from_last",
     "PeriodicCheckpointer",
     "BestCheckpointer",
 ]
@@ -153,6 +154,27 @@ def restore_training_state(
     rng = ckpt.get("rng_states") or []
     if rng:
         set_rng_state(rng[get_rank()] if len(rng) == get_world_size() else rng[0])
+    return ckpt
+
+
+def resume_from_last(
+    output_dir: str | Path,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: Optional[torch.amp.GradScaler] = None,
+    ema: Optional[ModelEMA] = None,
+) -> Optional[dict[str, Any]]:
+    """``--resume``: restore ``output_dir/checkpoints/last.pth`` into the live objects.
+
+    Returns the checkpoint dict (``iteration`` and whatever the run stored), or None with a
+    warning when the run has no ``last.pth`` yet (it then starts from scratch).
+    """
+    last = Path(output_dir) / "checkpoints" / "last.pth"
+    if not last.is_file():
+        logger.warning("--resume: %s not found; starting from scratch", last)
+        return None
+    ckpt = restore_training_state(last, model, optimizer, scaler, ema)
+    logger.info("Resumed from %s at iteration %d", last, int(ckpt["iteration"]))
     return ckpt
 
 

@@ -7,7 +7,6 @@ same pieces serve training and stand-alone evaluation.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from dataclasses import dataclass
@@ -17,19 +16,21 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from ..checkpoint import load_initial_weights
 from ..config import DetectionConfig
-from ..data.coco import CocoData, CocoDetection, DatasetError, load_coco
+from ..data.coco import CocoData, DatasetError, load_coco
+from ..data.coco_dataset import CocoDetection
 from ..data.samplers import build_detection_test_loader, build_detection_train_loader
 from ..data.transforms import build_detection_transform
 from ..evaluation.coco_eval import COCOEvaluator
+from ..fileio import write_json_atomic
 from ..models.build import build_detector
-from .distributed import barrier, broadcast_buffers, get_world_size, is_main_process, unwrap_model
+from .distributed import barrier, batch_size_per_process, broadcast_buffers, get_world_size, is_main_process, unwrap_model
 from .inference import inference_on_dataset
 
 __all__ = [
     "resolve_data_paths",
     "load_split",
-    "resolve_num_classes",
     "check_same_categories",
     "batch_size_per_process",
     "build_train_loader",
@@ -80,18 +81,6 @@ def load_split(cfg: DetectionConfig, split: str, is_train: bool) -> CocoData:
     return load_coco(sc.annotations, sc.images, filter_empty=cfg.data.filter_empty, is_train=is_train)
 
 
-def resolve_num_classes(cfg: DetectionConfig, data: CocoData) -> int:
-    """Number of categories in the annotations; ``model.num_classes`` may only confirm it."""
-    n = data.num_classes
-    if cfg.model.num_classes is not None and cfg.model.num_classes != n:
-        raise DatasetError(
-            f"model.num_classes={cfg.model.num_classes} but {data.annotations_path} has {n} categories "
-            f"({', '.join(data.class_names[:5])}{', ...' if n > 5 else ''}); remove model.num_classes "
-            "or use matching annotations"
-        )
-    return n
-
-
 def check_same_categories(train: CocoData, val: CocoData) -> None:
     """Labels are shared between splits: the category ids must be identical."""
     if list(train.category_ids) != list(val.category_ids):
@@ -101,17 +90,6 @@ def check_same_categories(train: CocoData, val: CocoData) -> None:
             f"categories differ between {train.annotations_path} and {val.annotations_path} "
             f"(ids only in train: {only_t}, only in val: {only_v}); both files need the same 'categories'"
         )
-
-
-def batch_size_per_process(total: int, key: str = "train.batch_size") -> int:
-    """``total`` split evenly over the processes (an error if it does not divide)."""
-    from ..config import ConfigError
-
-    world = get_world_size()
-    if total % world != 0 or total < world:
-        raise ConfigError(f"{key}={total} (total over processes) must be a positive multiple of the {world} "
-                          f"processes")
-    return total // world
 
 
 def build_train_loader(cfg: DetectionConfig, data: CocoData, start_iter: int) -> Any:
@@ -136,9 +114,12 @@ def build_test_loader(cfg: DetectionConfig, data: CocoData) -> Any:
 
 
 def build_model(cfg: DetectionConfig, num_classes: int, device: torch.device) -> nn.Module:
-    """``build_detector`` (loading ``model.backbone.weights`` / ``model.weights`` with a logged report)
-    on ``device``; SyncBN (``train.sync_bn``) and DDP when running under torchrun."""
-    model = build_detector(cfg, num_classes).to(device)
+    """``build_detector`` with its initial weights (``model.backbone.weights`` / ``model.weights``,
+    :func:`load_initial_weights` with a logged report) on ``device``; SyncBN (``train.sync_bn``) and
+    DDP when running under torchrun."""
+    model = build_detector(cfg, num_classes)
+    load_initial_weights(model, cfg, training=True)
+    model = model.to(device)
     if get_world_size() > 1:
         if cfg.train.sync_bn and device.type == "cpu":
             logger.warning("train.sync_bn needs GPUs (torch's SyncBatchNorm has no CPU kernel): "
@@ -189,9 +170,7 @@ def visualization_samples(cfg: DetectionConfig, val: CocoData, n: int) -> list:
 def write_metrics_json(path: Path, metrics: dict[str, Any]) -> None:
     """Write flat metrics as JSON (NaN -> null), atomically."""
     clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()}
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean, indent=2), encoding="utf-8")
-    tmp.replace(path)
+    write_json_atomic(path, clean, indent=2)
 
 
 @dataclass

@@ -17,7 +17,10 @@ from typing import Any, Mapping
 import torch
 import torch.distributed as dist
 
+from ..config import ConfigError
+
 __all__ = [
+    "batch_size_per_process",
     "broadcast_buffers",
     "init_distributed",
     "destroy_distributed",
@@ -160,3 +163,13 @@ def broadcast_buffers(module: torch.nn.Module, src: int = 0) -> torch.nn.Module:
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module inside a DistributedDataParallel (or the model itself)."""
     return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def batch_size_per_process(total: int, key: str = "train.batch_size") -> int:
+    """``total`` (the batch over all processes) split evenly over them; a :class:`ConfigError` naming
+    ``key`` when it does not divide."""
+    world = get_world_size()
+    if total % world != 0 or total < world:
+        raise ConfigError(f"{key}={total} (total over processes) must be a positive multiple of the {world} "
+                          f"processes; pick a multiple of {world}")
+    return total // world
