@@ -63,7 +63,8 @@ Batch = list[tuple[Tensor, Targets]]  # (uint8 [3,H,W] RGB, Targets with detkit 
 # --------------------------------------------------------------------------- data
 def load_batches(num_batches: int, batch: int, size: int) -> tuple[list[Batch], str]:
     """``num_batches`` batches of (image, targets) at short side ``size``, from coco128 if present."""
-    from detkit.data.coco import CocoDetection, load_coco
+    from detkit.data.coco import load_coco
+    from detkit.data.coco_dataset import CocoDetection
     from detkit.data.transforms import build_detection_transform
     from detkit.config import DetectionConfig
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 import numpy as np
@@ -13,7 +13,8 @@ import pycocotools.mask as mask_utils
 import pytest
 import torch
 
-from detkit.data.coco import CocoDetection, DatasetError, decode_segmentation, load_coco
+from detkit.data.coco import DatasetError, load_coco
+from detkit.data.coco_dataset import CocoDetection, decode_segmentation
 from detkit.data.collate import DetectionSample, SkippedSample, collate_detection
 from detkit.data.samplers import build_detection_test_loader
 
@@ -282,6 +283,94 @@ def test_file_errors(tmp_path: Path) -> None:
     data["images"][1]["id"] = 10
     with pytest.raises(DatasetError, match="duplicate image id 10"):
         load_coco(_write(tmp_path, data, "dup.json"), tmp_path, filter_empty=True, is_train=True)
+
+
+def _load_error(path: Path, tmp_path: Path) -> str:
+    """The DatasetError message of loading ``path`` as a training file, checked to be one line naming the file."""
+    with pytest.raises(DatasetError) as e:
+        load_coco(path, tmp_path / "images", filter_empty=True, is_train=True)
+    msg = str(e.value)
+    assert msg.startswith(f"{path}: ") and "\n" not in msg
+    return msg
+
+
+Mutation = Callable[[dict[str, Any]], None]
+
+
+def _set(*keys: Any, value: Any) -> Mutation:
+    """A mutation of the base dataset: ``data[k0][k1]...[kn] = value``."""
+    def mutate(data: dict[str, Any]) -> None:
+        obj = data
+        for k in keys[:-1]:
+            obj = obj[k]
+        obj[keys[-1]] = value
+    return mutate
+
+
+def _delete(*keys: Any) -> Mutation:
+    """A mutation of the base dataset: ``del data[k0][k1]...[kn]``."""
+    def mutate(data: dict[str, Any]) -> None:
+        obj = data
+        for k in keys[:-1]:
+            obj = obj[k]
+        del obj[keys[-1]]
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, expected", [
+    pytest.param(_delete("images"), "the top-level object lacks required key(s) ['images']", id="no-images"),
+    pytest.param(_delete("annotations"), "the top-level object lacks 'annotations'; a training file needs them",
+                 id="no-annotations-for-training"),
+    pytest.param(_set("images", value={"id": 10}), "'images' must be a list, got dict", id="images-not-list"),
+    pytest.param(_set("annotations", value="none"), "'annotations' must be a list, got str", id="annotations-not-list"),
+    pytest.param(_set("categories", value=None), "'categories' must be a list, got NoneType",
+                 id="categories-not-list"),
+    pytest.param(_set("categories", value=[]), "'categories' is empty; define at least one category",
+                 id="categories-empty"),
+    pytest.param(_set("categories", 1, value=3), "categories[1] must be a JSON object, got int",
+                 id="category-not-object"),
+    pytest.param(_delete("categories", 2, "name"), "categories[2] lacks required key(s) ['name']",
+                 id="category-without-name"),
+    pytest.param(_set("categories", 2, "id", value=7.0), "duplicate category ids in 'categories'",
+                 id="duplicate-category-id"),
+    pytest.param(_set("images", 2, value="2.png"), "images[2] must be a JSON object, got str", id="image-not-object"),
+    pytest.param(_set("annotations", 1, value=[5, 20, 20, 15]), "annotations[1] must be a JSON object, got list",
+                 id="annotation-not-object"),
+    pytest.param(_set("annotations", 1, "bbox", value=[5, 20, 20]),
+                 "annotation id 2 has bbox [5, 20, 20]; expected [x, y, width, height]", id="bbox-three-numbers"),
+    pytest.param(_set("annotations", 1, "bbox", value="5 20 20 15"),
+                 "annotation id 2 has bbox '5 20 20 15'; expected [x, y, width, height]", id="bbox-string"),
+    pytest.param(_set("annotations", 1, "bbox", value=[5, "a", 20, 15]),
+                 "annotation id 2 has non-numeric bbox [5, 'a', 20, 15]", id="bbox-non-numeric"),
+    pytest.param(_set("annotations", 1, "bbox", value=[5, None, 20, 15]),
+                 "annotation id 2 has non-numeric bbox [5, None, 20, 15]", id="bbox-null"),
+    pytest.param(_set("annotations", 1, "segmentation", value="polygon"),
+                 "annotation id 2 has a segmentation that is neither polygons nor RLE", id="segmentation-string"),
+    pytest.param(_set("annotations", 1, "segmentation", value={"counts": "abc"}),
+                 "annotation id 2 has a segmentation that is neither polygons nor RLE", id="rle-without-size"),
+])
+def test_malformed_files_raise_one_line(tmp_path: Path, mutate: Mutation, expected: str) -> None:
+    data = _base_dataset(tmp_path)
+    mutate(data)
+    assert expected in _load_error(_write(tmp_path, data), tmp_path)
+
+
+def test_evaluation_file_without_annotations_loads(tmp_path: Path) -> None:
+    data = _base_dataset(tmp_path)
+    del data["annotations"]
+    d = load_coco(_write(tmp_path, data), tmp_path / "images", filter_empty=True, is_train=False)
+    assert [r.image_id for r in d.records] == [10, 11, 12] and all(len(r.boxes) == 0 for r in d.records)
+    assert d.coco.dataset["annotations"] == [] and d.num_classes == 3
+
+
+def test_unreadable_and_non_object_files_raise_one_line(tmp_path: Path) -> None:
+    binary = tmp_path / "binary.json"
+    binary.write_bytes(b"\xff\xfe{\"images\": []}")
+    msg = _load_error(binary, tmp_path)
+    assert "cannot read annotation file" in msg and "utf-8" in msg
+    array = _write(tmp_path, [_base_dataset(tmp_path)], "array.json")  # type: ignore[arg-type]
+    msg = _load_error(array, tmp_path)
+    assert "top level must be a JSON object with 'images', 'annotations', 'categories', got list" in msg
 
 
 def test_masks_required_for_mask_rcnn(tmp_path: Path) -> None:

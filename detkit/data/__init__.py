@@ -4,7 +4,8 @@ samplers, ImageFolder classification data and the synthetic shapes datasets.
 Imports only :mod:`detkit.structures` and :mod:`detkit.config` from the rest of detkit.
 """
 
-from .coco import CocoData, CocoDetection, DatasetError, ImageRecord, decode_segmentation, load_coco
+from .coco import CocoData, DatasetError, ImageRecord, load_coco
+from .coco_dataset import CocoDetection, decode_segmentation
 from .collate import ClassificationSample, DetectionSample, SkippedSample, collate_classification, collate_detection
 from .imagefolder import ImageFolderDataset, check_class_sets
 from .images import IMAGE_EXTENSIONS, ImageReadError, image_size, read_image

@@ -1,9 +1,9 @@
-"""COCO-format datasets: reading, validation at start-up, and the detection Dataset.
+"""COCO-format annotation files: reading and validation at start-up.
 
 :func:`load_coco` reads and checks an annotation file once and returns a light
 :class:`CocoData` index (boxes and labels as small arrays; segmentations kept in their
-JSON form and decoded lazily per sample). :class:`CocoDetection` turns it into a torch
-``Dataset`` of :class:`~detkit.data.collate.DetectionSample`.
+JSON form and decoded lazily per sample). :class:`~detkit.data.coco_dataset.CocoDetection`
+turns it into a torch ``Dataset``.
 
 Validation rules (one warning per rule with the count and the first annotation ids, then
 ONE summary line on logger ``"detkit"``):
@@ -26,32 +26,20 @@ import json
 import logging
 import math
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import numpy as np
-import pycocotools.mask as mask_utils
-import torch
 from pycocotools.coco import COCO
-from torch.utils.data import Dataset
 
-from detkit.structures import Targets
-
-from .collate import DetectionSample, SkippedSample, collate_detection
-from .images import ImageReadError, read_image
+from ..errors import DetkitError
 
 __all__ = [
     "DatasetError",
     "ImageRecord",
     "CocoData",
     "load_coco",
-    "CocoDetection",
-    "DetectionSample",
-    "collate_detection",
-    "decode_rle",
-    "decode_segmentation",
 ]
 
 logger = logging.getLogger("detkit")
@@ -59,7 +47,7 @@ PathLike = Union[str, os.PathLike]
 _MAX_IDS_SHOWN = 5
 
 
-class DatasetError(ValueError):
+class DatasetError(DetkitError, ValueError):
     """A dataset file or folder is unusable; the message says which file/key and what to do."""
 
 
@@ -134,7 +122,11 @@ def _fail(path: PathLike, what: str) -> DatasetError:
     return DatasetError(f"{path}: {what}")
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, is_train: bool) -> dict:
+    """The JSON object of ``path`` with 'images', 'categories' (non-empty) and 'annotations' lists.
+
+    A file without 'annotations' gets an empty list (in place) when it is not a training file.
+    """
     if not path.is_file():
         raise _fail(path, "annotation file not found; check data.*.annotations")
     try:
@@ -146,6 +138,16 @@ def _read_json(path: Path) -> dict:
         raise _fail(path, f"cannot read annotation file ({e})") from None
     if not isinstance(data, dict):
         raise _fail(path, f"top level must be a JSON object with 'images', 'annotations', 'categories', got {type(data).__name__}")
+    _require(data, ["images", "categories"], path, "the top-level object")
+    if "annotations" not in data:
+        if is_train:
+            raise _fail(path, "the top-level object lacks 'annotations'; a training file needs them")
+        data["annotations"] = []
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data[key], list):
+            raise _fail(path, f"'{key}' must be a list, got {type(data[key]).__name__}")
+    if not data["categories"]:
+        raise _fail(path, "'categories' is empty; define at least one category")
     return data
 
 
@@ -204,6 +206,149 @@ def _warn_dropped(path: PathLike, what: str, ids: list[int]) -> None:
         logger.warning("%s: dropped %d annotation(s) with %s (ids %s)", path, len(ids), what, shown)
 
 
+@dataclass
+class _Instance:
+    """One usable annotation, on its way into an :class:`ImageRecord`.
+
+    Attributes:
+        box: (x1, y1, x2, y2) floats, xyxy in image pixels, clipped to the image.
+        label: contiguous label (int) of its category.
+        segmentation: the raw COCO segmentation (polygon lists without the bad ones, or an RLE
+            dict), or None when the annotation has none.
+        ann_id: COCO annotation id (int).
+    """
+
+    box: tuple[float, float, float, float]
+    label: int
+    segmentation: Any
+    ann_id: int
+
+
+@dataclass
+class _Annotations:
+    """The validated ``annotations`` of a file, grouped per image.
+
+    Attributes:
+        instances: image id (int) -> its usable non-crowd instances in file order; every image
+            of the file has an entry (an empty list when it has no instance).
+        crowds: image id (int) -> its usable crowd regions (``iscrowd`` set) in file order.
+        bad_size: ids (int) of annotations dropped for a zero, negative, NaN or inf box size.
+        outside: ids (int) of annotations dropped for a box entirely outside the image.
+        bad_polygon: ids (int) of annotations that lost polygons (dropped when none was left).
+    """
+
+    instances: dict[int, list[_Instance]]
+    crowds: dict[int, list[_Instance]]
+    bad_size: list[int] = field(default_factory=list)
+    outside: list[int] = field(default_factory=list)
+    bad_polygon: list[int] = field(default_factory=list)
+
+
+def _validate_categories(categories: list, path: Path) -> dict[int, str]:
+    """COCO category id -> class name, after checking each entry's id (an integer, unique) and name."""
+    names: dict[int, str] = {}
+    for i, c in enumerate(categories):
+        _require(c, ["id", "name"], path, f"categories[{i}]")
+        names[_int_id(c["id"], path, f"categories[{i}] (name {json.dumps(c['name'])})", "id")] = str(c["name"])
+    if len(names) != len(categories):
+        raise _fail(path, "duplicate category ids in 'categories'; ids must be unique")
+    return names
+
+
+def _validate_images(images: list, path: Path) -> dict[int, dict]:
+    """Image id -> its JSON entry, in file order, after checking id, file_name, width and height."""
+    by_id: dict[int, dict] = {}
+    for i, im in enumerate(images):
+        where = _image_where(i, im)
+        _require(im, ["id", "file_name", "width", "height"], path, where)
+        img_id = _int_id(im["id"], path, where, "id")
+        if img_id in by_id:
+            raise _fail(path, f"duplicate image id {img_id} (images[{i}]); image ids must be unique")
+        if not isinstance(im["file_name"], str) or not im["file_name"].strip():
+            raise _fail(path, f"{where} has file_name {json.dumps(im['file_name'])}; expected the image's path "
+                              "relative to the image folder")
+        for key in ("width", "height"):
+            _positive_size(im[key], path, where, key)
+        by_id[img_id] = im
+    return by_id
+
+
+def _add_annotation(i: int, ann: Any, path: Path, images: dict[int, dict], cat_to_label: dict[int, int],
+                    out: _Annotations) -> None:
+    """Check ``annotations[i]`` and file it in ``out``: as an instance, a crowd region or a drop.
+
+    ``images``: image id -> JSON entry; ``cat_to_label``: COCO category id -> contiguous label.
+    """
+    _require(ann, ["id", "image_id", "category_id", "bbox"], path, f"annotations[{i}]")
+    aid = _int_id(ann["id"], path, f"annotations[{i}]", "id")
+    cat_id = _int_id(ann["category_id"], path, f"annotation id {aid} (annotations[{i}])", "category_id")
+    if cat_id not in cat_to_label:
+        raise _fail(path, f"annotation id {aid} has category_id {ann['category_id']}, which is not defined in 'categories'")
+    img_id = _int_id(ann["image_id"], path, f"annotation id {aid} (annotations[{i}])", "image_id")
+    if img_id not in images:
+        raise _fail(path, f"annotation id {aid} has image_id {ann['image_id']}, which is not defined in 'images'")
+    bbox = ann["bbox"]
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
+        raise _fail(path, f"annotation id {aid} has bbox {bbox!r}; expected [x, y, width, height]")
+    try:
+        x, y, w, h = (float(v) for v in bbox)
+    except (TypeError, ValueError):
+        raise _fail(path, f"annotation id {aid} has non-numeric bbox {bbox!r}") from None
+    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
+        out.bad_size.append(aid)
+        return
+    W, H = float(images[img_id]["width"]), float(images[img_id]["height"])
+    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
+    if x2 <= x1 or y2 <= y1:
+        out.outside.append(aid)
+        return
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        seg, n_bad = _polygon_filter(seg, aid)
+        if n_bad:
+            out.bad_polygon.append(aid)
+            if not seg:
+                return
+    elif seg is not None and not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
+        raise _fail(path, f"annotation id {aid} has a segmentation that is neither polygons nor RLE")
+    instance = _Instance(box=(x1, y1, x2, y2), label=cat_to_label[cat_id], segmentation=seg, ann_id=aid)
+    (out.crowds if ann.get("iscrowd", 0) else out.instances)[img_id].append(instance)
+
+
+def _validate_annotations(annotations: list, path: Path, images: dict[int, dict],
+                          cat_to_label: dict[int, int]) -> _Annotations:
+    """Check every annotation, group the usable ones per image, warn once per drop rule."""
+    out = _Annotations(instances={i: [] for i in images}, crowds={i: [] for i in images})
+    for i, ann in enumerate(annotations):
+        _add_annotation(i, ann, path, images, cat_to_label, out)
+    _warn_dropped(path, "zero, negative or NaN box size", out.bad_size)
+    _warn_dropped(path, "boxes entirely outside the image", out.outside)
+    _warn_dropped(path, "polygons of fewer than 3 points (bad polygons removed; annotation dropped if none left)",
+                  out.bad_polygon)
+    return out
+
+
+def _build_records(images: dict[int, dict], anns: _Annotations, images_dir: Path,
+                   drop_empty: bool) -> list[ImageRecord]:
+    """One :class:`ImageRecord` per image in file order; without instances skipped when ``drop_empty``."""
+    records: list[ImageRecord] = []
+    for img_id, im in images.items():
+        inst, crowd = anns.instances[img_id], anns.crowds[img_id]
+        if not inst and drop_empty:
+            continue
+        records.append(ImageRecord(
+            image_id=img_id, file_name=str(im["file_name"]), path=str(images_dir / str(im["file_name"])),
+            height=int(im["height"]), width=int(im["width"]),
+            boxes=np.array([e.box for e in inst], dtype=np.float32).reshape(-1, 4),
+            labels=np.array([e.label for e in inst], dtype=np.int64),
+            segmentations=[e.segmentation for e in inst],
+            ann_ids=[e.ann_id for e in inst],
+            crowd_boxes=np.array([e.box for e in crowd], dtype=np.float32).reshape(-1, 4),
+            crowd_segmentations=[e.segmentation for e in crowd],
+        ))
+    return records
+
+
 def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty: bool, is_train: bool) -> CocoData:
     """Read, validate and index a COCO annotation file.
 
@@ -219,132 +364,32 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
     """
     path = Path(annotations_path)
     images_dir = Path(images_dir)
-    data = _read_json(path)
-    _require(data, ["images", "categories"], path, "the top-level object")
-    if "annotations" not in data:
-        if is_train:
-            raise _fail(path, "the top-level object lacks 'annotations'; a training file needs them")
-        data["annotations"] = []
-    for key in ("images", "annotations", "categories"):
-        if not isinstance(data[key], list):
-            raise _fail(path, f"'{key}' must be a list, got {type(data[key]).__name__}")
-    if not data["categories"]:
-        raise _fail(path, "'categories' is empty; define at least one category")
-
-    names: dict[int, str] = {}
-    for i, c in enumerate(data["categories"]):
-        _require(c, ["id", "name"], path, f"categories[{i}]")
-        names[_int_id(c["id"], path, f"categories[{i}] (name {json.dumps(c['name'])})", "id")] = str(c["name"])
+    data = _read_json(path, is_train)
+    names = _validate_categories(data["categories"], path)
     cat_ids = sorted(names)
-    if len(cat_ids) != len(data["categories"]):
-        raise _fail(path, "duplicate category ids in 'categories'; ids must be unique")
-    cat_to_label = {c: i for i, c in enumerate(cat_ids)}
-
-    images: dict[int, dict] = {}
-    for i, im in enumerate(data["images"]):
-        where = _image_where(i, im)
-        _require(im, ["id", "file_name", "width", "height"], path, where)
-        img_id = _int_id(im["id"], path, where, "id")
-        if img_id in images:
-            raise _fail(path, f"duplicate image id {img_id} (images[{i}]); image ids must be unique")
-        if not isinstance(im["file_name"], str) or not im["file_name"].strip():
-            raise _fail(path, f"{where} has file_name {json.dumps(im['file_name'])}; expected the image's path "
-                              "relative to the image folder")
-        for key in ("width", "height"):
-            _positive_size(im[key], path, where, key)
-        images[img_id] = im
-
-    bad_size: list[int] = []
-    outside: list[int] = []
-    bad_poly: list[int] = []
-    per_image: dict[int, list[tuple]] = {i: [] for i in images}
-    crowd_per_image: dict[int, list[tuple]] = {i: [] for i in images}
-    for i, ann in enumerate(data["annotations"]):
-        _require(ann, ["id", "image_id", "category_id", "bbox"], path, f"annotations[{i}]")
-        aid = _int_id(ann["id"], path, f"annotations[{i}]", "id")
-        cat_id = _int_id(ann["category_id"], path, f"annotation id {aid} (annotations[{i}])", "category_id")
-        if cat_id not in cat_to_label:
-            raise _fail(path, f"annotation id {aid} has category_id {ann['category_id']}, which is not defined in 'categories'")
-        img_id = _int_id(ann["image_id"], path, f"annotation id {aid} (annotations[{i}])", "image_id")
-        if img_id not in images:
-            raise _fail(path, f"annotation id {aid} has image_id {ann['image_id']}, which is not defined in 'images'")
-        bbox = ann["bbox"]
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
-            raise _fail(path, f"annotation id {aid} has bbox {bbox!r}; expected [x, y, width, height]")
-        try:
-            x, y, w, h = (float(v) for v in bbox)
-        except (TypeError, ValueError):
-            raise _fail(path, f"annotation id {aid} has non-numeric bbox {bbox!r}") from None
-        if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-            bad_size.append(aid)
-            continue
-        W, H = float(images[img_id]["width"]), float(images[img_id]["height"])
-        x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-        if x2 <= x1 or y2 <= y1:
-            outside.append(aid)
-            continue
-        seg = ann.get("segmentation")
-        if isinstance(seg, list):
-            seg, n_bad = _polygon_filter(seg, aid)
-            if n_bad:
-                bad_poly.append(aid)
-                if not seg:
-                    continue
-        elif seg is not None and not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
-            raise _fail(path, f"annotation id {aid} has a segmentation that is neither polygons nor RLE")
-        entry = ((x1, y1, x2, y2), cat_to_label[cat_id], seg, aid)
-        (crowd_per_image if ann.get("iscrowd", 0) else per_image)[img_id].append(entry)
-
-    _warn_dropped(path, "zero, negative or NaN box size", bad_size)
-    _warn_dropped(path, "boxes entirely outside the image", outside)
-    _warn_dropped(path, "polygons of fewer than 3 points (bad polygons removed; annotation dropped if none left)", bad_poly)
-
-    records: list[ImageRecord] = []
-    num_empty = 0
-    for img_id, im in images.items():
-        inst, crowd = per_image[img_id], crowd_per_image[img_id]
-        if not inst:
-            num_empty += 1
-            if is_train and filter_empty:
-                continue
-        records.append(
-            ImageRecord(
-                image_id=img_id,
-                file_name=str(im["file_name"]),
-                path=str(images_dir / str(im["file_name"])),
-                height=int(im["height"]),
-                width=int(im["width"]),
-                boxes=np.array([e[0] for e in inst], dtype=np.float32).reshape(-1, 4),
-                labels=np.array([e[1] for e in inst], dtype=np.int64),
-                segmentations=[e[2] for e in inst],
-                ann_ids=[e[3] for e in inst],
-                crowd_boxes=np.array([e[0] for e in crowd], dtype=np.float32).reshape(-1, 4),
-                crowd_segmentations=[e[2] for e in crowd],
-            )
-        )
-
+    images = _validate_images(data["images"], path)
+    anns = _validate_annotations(data["annotations"], path, images, {c: i for i, c in enumerate(cat_ids)})
+    drop_empty = is_train and filter_empty
+    records = _build_records(images, anns, images_dir, drop_empty)
+    num_empty = sum(1 for inst in anns.instances.values() if not inst)
     if is_train and not records:
         raise _fail(
             path,
             f"no training image left ({len(images)} images, {len(data['annotations'])} annotations, "
             f"{num_empty} without usable instances); check the boxes/categories or set data.filter_empty=false",
         )
-
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
         coco.createIndex()
 
-    num_inst = sum(len(r.boxes) for r in records)
-    num_crowd = sum(len(r.crowd_boxes) for r in records)
-    dropped = {"bad_size": len(bad_size), "outside": len(outside), "bad_polygon": len(bad_poly)}
-    empty_note = (
-        f"{num_empty} without instances dropped" if is_train and filter_empty else f"{num_empty} without instances kept"
-    )
+    dropped = {"bad_size": len(anns.bad_size), "outside": len(anns.outside), "bad_polygon": len(anns.bad_polygon)}
     logger.info(
         "%s: %d images (%s), %d instances, %d crowd regions, %d classes; dropped annotations: %d bad size, "
         "%d outside image, %d bad polygons",
-        path, len(records), empty_note, num_inst, num_crowd, len(cat_ids), *dropped.values(),
+        path, len(records), f"{num_empty} without instances {'dropped' if drop_empty else 'kept'}",
+        sum(len(r.boxes) for r in records), sum(len(r.crowd_boxes) for r in records), len(cat_ids),
+        *dropped.values(),
     )
     return CocoData(
         annotations_path=str(path),
@@ -355,110 +400,3 @@ def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty:
         coco=coco,
         num_dropped=dropped,
     )
-
-
-def decode_rle(rle: dict) -> np.ndarray:
-    """pycocotools ``decode`` without its numpy-2 DeprecationWarning noise (uint8 [H, W])."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return mask_utils.decode(rle)
-
-
-def decode_segmentation(seg: Any, height: int, width: int) -> np.ndarray:
-    """A COCO segmentation (polygons, uncompressed or compressed RLE) -> uint8 [height, width] mask."""
-    if isinstance(seg, list):  # polygons
-        rles = mask_utils.frPyObjects(seg, height, width)
-        rle = mask_utils.merge(rles)
-    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(seg, height, width)
-    else:  # compressed RLE
-        rle = seg
-    mask = decode_rle(rle)
-    if mask.shape != (height, width):
-        raise DatasetError(f"RLE mask of size {mask.shape} does not match its image ({height}, {width})")
-    return mask
-
-
-class CocoDetection(Dataset):
-    """A torch Dataset over a :class:`CocoData`.
-
-    ``dataset[i]`` is a :class:`DetectionSample` (image uint8 [3,H,W] after ``transform``,
-    ``Targets`` with boxes/labels/masks/ignore_boxes) or ``None`` when the image cannot be read
-    (a warning names the file). In a DataLoader, batched fetching goes through
-    :meth:`__getitems__`, which yields :class:`SkippedSample` for those, so
-    :func:`collate_detection` can list the skipped files in ``Batch.skipped``.
-
-    Args:
-        coco_data: from :func:`load_coco`.
-        transform: a :class:`~detkit.data.transforms.DetectionTransform` (or any callable with
-            its signature), or None for no transform.
-        with_masks: decode instance masks (Mask R-CNN). Requires a segmentation on every
-            instance.
-    """
-
-    def __init__(self, coco_data: CocoData, transform: Optional[Callable[..., Any]] = None, with_masks: bool = False):
-        self.data = coco_data
-        self.transform = transform
-        self.with_masks = with_masks
-        if with_masks:
-            for r in coco_data.records:
-                for seg, aid in zip(r.segmentations, r.ann_ids):
-                    if seg is None:
-                        raise DatasetError(
-                            f"{coco_data.annotations_path}: annotation id {aid} has no segmentation but masks are "
-                            "needed (Mask R-CNN); add masks or train a Faster R-CNN config"
-                        )
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.data.class_names
-
-    @property
-    def category_ids(self) -> list[int]:
-        return self.data.category_ids
-
-    @property
-    def aspect_ratios(self) -> list[float]:
-        return self.data.aspect_ratios
-
-    def __len__(self) -> int:
-        return len(self.data.records)
-
-    def load(self, index: int) -> Union[DetectionSample, SkippedSample]:
-        """The sample at ``index`` or a :class:`SkippedSample` naming the unreadable file."""
-        rec = self.data.records[index]
-        try:
-            img = read_image(rec.path)
-        except ImageReadError as e:
-            logger.warning("skipping image: %s", e)
-            return SkippedSample(rec.path, e.reason)
-        h, w = img.shape[:2]
-        if (h, w) != (rec.height, rec.width):
-            reason = f"decoded size {h}x{w} differs from the annotation's {rec.height}x{rec.width}"
-            logger.warning("skipping image %s: %s (fix width/height in %s)", rec.path, reason, self.data.annotations_path)
-            return SkippedSample(rec.path, reason)
-        masks = None
-        if self.with_masks:
-            masks = np.zeros((len(rec.boxes), h, w), dtype=np.uint8)
-            for k, seg in enumerate(rec.segmentations):
-                masks[k] = decode_segmentation(seg, h, w)
-        boxes, labels, crowd = rec.boxes, rec.labels, rec.crowd_boxes
-        if self.transform is not None:
-            out = self.transform(img, boxes, labels, masks, crowd)
-            img, boxes, labels, masks, crowd = out.image, out.boxes, out.labels, out.masks, out.ignore_boxes
-        # (H, W, 3) -> (3, H, W)
-        image = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
-        targets = Targets(
-            boxes=torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            labels=torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
-            masks=None if masks is None else torch.from_numpy(np.ascontiguousarray(masks, dtype=np.uint8)),
-            ignore_boxes=torch.as_tensor(crowd, dtype=torch.float32).reshape(-1, 4),
-        )
-        return DetectionSample(image=image, targets=targets, image_id=rec.image_id, orig_size=(h, w), file_name=rec.path)
-
-    def __getitem__(self, index: int) -> Optional[DetectionSample]:
-        s = self.load(index)
-        return s if isinstance(s, DetectionSample) else None
-
-    def __getitems__(self, indices: Sequence[int]) -> list[Union[DetectionSample, SkippedSample]]:
-        return [self.load(i) for i in indices]

@@ -25,7 +25,8 @@ import cv2
 import numpy as np
 import pycocotools.mask as mask_utils
 
-from .coco import decode_rle
+from ..fileio import write_json_atomic
+from .coco_dataset import decode_rle
 
 __all__ = ["SHAPE_CLASSES", "make_shapes_coco", "make_shapes_imagefolder", "render_shape"]
 
@@ -160,9 +161,7 @@ def _generate(root: Path, params: dict[str, Any], outputs: list[Path], build: Ca
     root.mkdir(parents=True, exist_ok=True)
     (root / "manifest.json").unlink(missing_ok=True)  # an interrupted run must not look complete
     build()
-    tmp = root / "manifest.json.tmp"
-    tmp.write_text(json.dumps(params, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, root / "manifest.json")
+    write_json_atomic(root / "manifest.json", params, indent=1, sort_keys=True)
 
 
 def make_shapes_coco(
@@ -202,9 +201,7 @@ def make_shapes_coco(
                     anns.append(_annotation(inst, len(anns) + 1, i + 1))
             coco = {"info": {"description": f"detkit synthetic shapes ({split})", "version": _VERSION},
                     "images": images, "annotations": anns, "categories": categories}
-            tmp = root / f"{split}.json.tmp"
-            tmp.write_text(json.dumps(coco), encoding="utf-8")
-            os.replace(tmp, root / f"{split}.json")
+            write_json_atomic(root / f"{split}.json", coco)
 
     _generate(root, params, [root / "train.json", root / "val.json"], build)
     return paths
