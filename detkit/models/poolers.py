@@ -18,6 +18,7 @@ from typing import Sequence, Union
 import torch
 from torch import Tensor, nn
 from ..ops import roi_align
+from ..ops.roi_align import _use_torchvision
 
 __all__ = ["MultiScaleRoIAlign", "assign_boxes_to_levels", "convert_boxes_to_rois"]
 
@@ -50,6 +51,19 @@ def assign_boxes_to_levels(
     )
     levels = torch.clamp(levels, min=min_level, max=max_level)
     return levels.to(torch.int64) - min_level
+
+
+def _rois_for_roi_align(rois: Tensor, feature: Tensor) -> Tensor:
+    """``rois`` in the dtype that ``roi_align(feature, rois, ...)`` needs.
+
+    Only torchvision's operator (where :func:`detkit.ops.roi_align` hands over to it: off CPU,
+    tracing, export, compiling) needs rois in the features' dtype, and only outside autocast
+    (autocast casts for itself). detkit's CPU op takes fp32 rois whatever the features' dtype,
+    so they are not cast for it: bf16 would round 512-1024 px coordinates to multiples of 4 px.
+    """
+    if rois.dtype != feature.dtype and _use_torchvision(feature) and not torch.is_autocast_enabled(feature.device.type):
+        return rois.to(feature.dtype)
+    return rois
 
 
 def convert_boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
@@ -137,10 +151,9 @@ class MultiScaleRoIAlign(nn.Module):
         ref = features[0]
         num_channels = ref.shape[1]
         rois = convert_boxes_to_rois(boxes).to(device=ref.device)
-        # Keep box coordinates in their own (fp32) precision under autocast, where roi_align
-        # casts for itself; outside autocast roi_align needs rois in the features' dtype.
-        if rois.dtype != ref.dtype and not torch.is_autocast_enabled(ref.device.type):
-            rois = rois.to(ref.dtype)
+        # Levels are assigned on the boxes as given (fp32); the rois handed to roi_align are cast
+        # to the features' dtype only where torchvision's operator needs it.
+        pool_rois = _rois_for_roi_align(rois, ref)
         num_rois = rois.shape[0]
         tracing = torch.jit.is_tracing()  # export: no data-dependent Python branches (they would be frozen)
         if num_rois == 0 and not tracing:
@@ -148,7 +161,7 @@ class MultiScaleRoIAlign(nn.Module):
 
         if len(features) == 1:
             return roi_align(
-                features[0], rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
+                features[0], pool_rois, self.output_size, self.scales[0], self.sampling_ratio, self.aligned
             )
 
         level_idx = assign_boxes_to_levels(
@@ -158,12 +171,13 @@ class MultiScaleRoIAlign(nn.Module):
         for level, (feature, scale) in enumerate(zip(features, self.scales)):
             inds = torch.nonzero(level_idx == level).squeeze(1)
             if tracing:  # every level, even one that is empty for the sample input
-                pooled = roi_align(feature, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+                pooled = roi_align(feature, pool_rois[inds], self.output_size, scale, self.sampling_ratio,
+                                   self.aligned)
                 output = output.index_put((inds,), pooled.to(output.dtype))
                 continue
             if inds.numel() == 0:
                 continue
-            pooled = roi_align(feature, rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
+            pooled = roi_align(feature, pool_rois[inds], self.output_size, scale, self.sampling_ratio, self.aligned)
             # Levels may differ in dtype under autocast; index_copy_ needs the output's dtype.
             output.index_copy_(0, inds, pooled.to(output.dtype))
         return output
