@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 import detkit  # noqa: E402
 from detkit import Predictor  # noqa: E402
 from detkit.config import load_config  # noqa: E402
+from detkit.machine import cpu_capability, machine_info  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
 from detkit.speed import bf16_supported, optimize_for_inference  # noqa: E402
 
@@ -412,7 +413,7 @@ def main() -> None:
     np_images = load_images(args.images, args.size, 1333)
     images = [to_tensor(im) for im in np_images]
     print(f"torch {torch.__version__}, torchvision {torchvision.__version__}, threads {torch.get_num_threads()}, "
-          f"CPU capability {torch.backends.cpu.get_cpu_capability()}, bf16 native: {bf16_supported('cpu')}; "
+          f"{machine_info().cpu_summary()}, CPU capability {cpu_capability()}, bf16 native: {bf16_supported('cpu')}; "
           f"images {[tuple(im.shape[1:]) for im in images]} ({'coco128' if COCO128.is_dir() else 'synthetic'})")
 
     modes: dict[str, Callable[[torch.Tensor], Det]] = {

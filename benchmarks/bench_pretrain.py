@@ -21,7 +21,6 @@ busy machine penalizes both alike. Example::
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import tempfile
 import time
@@ -31,6 +30,8 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+
+from detkit.machine import cpu_model_name
 
 
 def _time_loader(loader: DataLoader, num_batches: int, warmup: int = 1) -> float:
@@ -159,7 +160,7 @@ def main() -> None:
 
     rows = bench(args)
     print(f"\ndevice {args.device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{platform.processor() or platform.machine()}; batch {args.batch_size}, 224 px, "
+          f"{cpu_model_name()}; batch {args.batch_size}, 224 px, "
           f"{args.rounds} rounds (median)")
     print(f"| {'benchmark':<14} | {'arch':<8} | {'detkit img/s':>12} | {'torchvision img/s':>17} | {'ratio':>5} |")
     print(f"|{'-' * 16}|{'-' * 10}|{'-' * 14}|{'-' * 19}|{'-' * 7}|")

@@ -34,7 +34,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import re
 import statistics
 import subprocess
@@ -304,14 +303,10 @@ def summarize(rows: list[dict]) -> str:
 
 
 def cpu_flags() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor()
-    model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), "?")
-    flags = next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), [])
-    wanted = [f for f in ("avx512_bf16", "amx_bf16", "amx_int8", "avx512_vnni", "avx_vnni") if f in flags]
-    return f"{model} ({os.cpu_count()} CPUs; {' '.join(wanted) or 'no bf16/AMX/VNNI flags'})"
+    """``"<CPU model> (<N> CPUs; <bf16/AMX/VNNI flags>)"`` (:mod:`detkit.machine`)."""
+    from detkit.machine import machine_info
+
+    return machine_info().cpu_summary()
 
 
 def main() -> int:

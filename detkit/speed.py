@@ -29,17 +29,16 @@ Example::
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
-import os
 import sys
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
+from .layers.inference import Cast, InferenceConv2d, PackedLinear
+from .machine import bf16_supported, mkldnn_linear_available  # (re-exported: part of this API)
 from .models.backbones.resnet import BasicBlock, Bottleneck, Stem
 from .models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
 from .models.roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
@@ -56,61 +55,9 @@ logger = logging.getLogger("detkit")
 
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-_LINEAR_HINT_ROWS = 512  # rows assumed when pre-reordering linear weights (RoIs per batch)
 
 
-# --------------------------------------------------------------------------- capabilities
-@functools.lru_cache(maxsize=1)
-def _cpuinfo_flags() -> frozenset[str]:
-    """CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip().lower() in ("flags", "features"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def mkldnn_linear_available() -> bool:
-    """True when this PyTorch build has oneDNN with its prepacked linear operators."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    names = ("_linear_pointwise", "_reorder_linear_weight")
-    try:
-        return all(hasattr(torch.ops.mkldnn, n) for n in names)
-    except RuntimeError:
-        return False
-
-
-def bf16_supported(device: Union[str, torch.device] = "cpu") -> bool:
-    """Whether bfloat16 inference runs natively (fast) on ``device``.
-
-    CPU: oneDNN is available and the CPU has bf16 instructions (AVX512-BF16 or AMX on x86, BF16 on
-    Arm); without them bf16 would be emulated, slower than fp32. CUDA: a GPU with native bf16
-    (Ampere or newer). Other devices: False. ``DETKIT_DISABLE_BF16=1`` in the environment forces False.
-    """
-    device = torch.device(device)
-    if os.environ.get("DETKIT_DISABLE_BF16", "") == "1":
-        return False
-    if device.type == "cpu":
-        if not torch.backends.mkldnn.is_available():
-            return False
-        probes = [getattr(torch.cpu, n, None) for n in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        if any(callable(p) and bool(p()) for p in probes):
-            return True
-        return bool({"avx512_bf16", "amx_bf16", "bf16"} & _cpuinfo_flags())
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return False
-        try:
-            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
-        except TypeError:  # older signature
-            return bool(torch.cuda.is_bf16_supported())
-    return False
-
-
+# --------------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") -> str:
     """Validate ``precision``; ``"bf16"`` becomes ``"fp32"`` (with a warning) where it is not supported."""
     if precision not in PRECISIONS:
@@ -125,107 +72,6 @@ def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") 
 
 
 # --------------------------------------------------------------------------- fused layers
-def _check_device(module: nn.Module, x: Tensor) -> None:
-    if x.device != module.device:
-        raise RuntimeError(
-            f"{type(module).__name__} was optimized for {module.device} but got an input on {x.device}; "
-            "move the model first, then call detkit.speed.optimize_for_inference"
-        )
-
-
-class InferenceConv2d(nn.Module):
-    """Inference-only ``Conv2d`` (+ optional in-place ReLU) with its weight prepared once.
-
-    The weight is stored channels_last in ``dtype`` (buffers ``weight`` and ``bias``, moved by
-    ``.to(device)``); inputs are cast to ``dtype`` and made channels_last, outputs are channels_last
-    ``dtype``. On CPU ``F.conv2d`` then runs oneDNN's channels-last kernels without layout reorders.
-    """
-
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32) -> None:
-        super().__init__()
-        if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
-            raise ValueError(f"InferenceConv2d: needs explicit zero padding, got padding={conv.padding!r} "
-                             f"padding_mode={conv.padding_mode!r}")
-        self.in_channels, self.out_channels, self.groups = conv.in_channels, conv.out_channels, conv.groups
-        self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
-        self.relu, self.dtype = bool(relu), dtype
-        self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
-        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
-
-    def _conv(self, x: Tensor) -> Tensor:
-        x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[N, C_in, H, W] -> [N, C_out, H', W'] (channels_last, ``dtype``)."""
-        y = self._conv(x)
-        return y.relu_() if self.relu else y
-
-    def forward_add_relu(self, x: Tensor, other: Tensor) -> Tensor:
-        """``relu(conv(x) + other)`` in place: the end of a residual block (``self.relu`` is not used)."""
-        return self._conv(x).add_(other.to(self.dtype)).relu_()
-
-    def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, "
-                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}")
-
-
-class PackedLinear(nn.Module):
-    """Inference-only ``Linear`` (+ optional ReLU); oneDNN-prepacked weight on CPU.
-
-    oneDNN's fp32 GEMM is several times faster than the default CPU ``F.linear`` (MKL) on some CPUs
-    (AMD). ``nhwc_channels=C`` takes inputs flattened from ``(S, S, C)`` instead of ``(C, S, S)``
-    (channels-last RoI features: the flatten is then a view); the weight columns are permuted once.
-    """
-
-    def __init__(self, linear: nn.Linear, relu: bool = False, dtype: torch.dtype = torch.float32,
-                 use_mkldnn: bool = True, nhwc_channels: int = 0) -> None:
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.relu, self.dtype, self.device = bool(relu), dtype, linear.weight.device
-        self.use_mkldnn = bool(use_mkldnn) and self.device.type == "cpu"
-        self.nhwc_channels = int(nhwc_channels)
-        weight = linear.weight.detach().to(dtype)
-        if self.nhwc_channels:
-            # (O, C*S*S) -> (O, C, S*S) -> (O, S*S, C) -> (O, S*S*C)
-            weight = weight.view(self.out_features, self.nhwc_channels, -1).transpose(1, 2).reshape(
-                self.out_features, -1)
-        weight = weight.contiguous()
-        self._bias: Optional[Tensor] = None if linear.bias is None else linear.bias.detach().to(dtype)
-        self._weight = torch.ops.mkldnn._reorder_linear_weight(weight, _LINEAR_HINT_ROWS) if self.use_mkldnn \
-            else weight
-
-    def forward(self, x: Tensor) -> Tensor:
-        """[..., in_features] -> [..., out_features] (``dtype``)."""
-        _check_device(self, x)
-        lead = x.shape[:-1]
-        x = x.reshape(-1, self.in_features).to(self.dtype)
-        if x.shape[0] == 0:
-            return x.new_zeros((*lead, self.out_features))
-        if self.use_mkldnn:
-            y = torch.ops.mkldnn._linear_pointwise(x, self._weight, self._bias, "relu" if self.relu else "none", [], "")
-        else:
-            y = F.linear(x, self._weight, self._bias)
-            y = F.relu(y, inplace=True) if self.relu else y
-        return y.reshape(*lead, self.out_features)
-
-    def dense_weight(self) -> Tensor:
-        """The weight as a plain ``[out_features, in_features]`` tensor in the original column order."""
-        w = self._weight.to_dense() if self._weight.is_mkldnn else self._weight
-        if self.nhwc_channels:  # (O, S*S*C) -> (O, S*S, C) -> (O, C, S*S) -> (O, C*S*S)
-            w = w.view(self.out_features, -1, self.nhwc_channels).transpose(1, 2).reshape(self.out_features, -1)
-        return w
-
-    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        if self._bias is not None:
-            destination[prefix + "bias"] = self._bias
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, relu={self.relu}, "
-                f"dtype={self.dtype}, mkldnn={self.use_mkldnn}, nhwc_channels={self.nhwc_channels}")
-
-
 class FusedStem(nn.Module):
     """ResNet stem with a folded BN: conv1 + in-place ReLU, then the 3x3/2 max pool."""
 
@@ -247,11 +93,13 @@ class FusedBottleneck(nn.Module):
         self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
         self.conv2 = InferenceConv2d(block.conv2, relu=True, dtype=dtype)
         self.conv3 = InferenceConv2d(block.conv3, relu=False, dtype=dtype)
-        # folded ConvNormAct (converted by the caller), an option-A PadShortcut, or None
-        self.shortcut: Optional[nn.Module] = block.skip
+        # the block's shortcut (``shortcut`` or option C's ``proj_shortcut``, so the state-dict keys stay):
+        # a folded ConvNormAct (converted by the caller), an option-A PadShortcut, or None
+        self.shortcut, self.proj_shortcut = block.shortcut, block.proj_shortcut
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.shortcut is None else self.shortcut(x)
+        skip = self.shortcut if self.shortcut is not None else self.proj_shortcut
+        identity = x if skip is None else skip(x)
         return self.conv3.forward_add_relu(self.conv2(self.conv1(x)), identity)
 
 
@@ -262,10 +110,11 @@ class FusedBasicBlock(nn.Module):
         super().__init__()
         self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
         self.conv2 = InferenceConv2d(block.conv2, relu=False, dtype=dtype)
-        self.shortcut: Optional[nn.Module] = block.skip
+        self.shortcut, self.proj_shortcut = block.shortcut, block.proj_shortcut  # as in FusedBottleneck
 
     def forward(self, x: Tensor) -> Tensor:
-        identity = x if self.shortcut is None else self.shortcut(x)
+        skip = self.shortcut if self.shortcut is not None else self.proj_shortcut
+        identity = x if skip is None else skip(x)
         return self.conv2.forward_add_relu(self.conv1(x), identity)
 
 
@@ -294,35 +143,6 @@ class FusedFCHead(nn.Module):
         for fc in self.fcs:
             x = fc(x)
         return x
-
-
-def _cast_tree(obj: Any, dtype: torch.dtype, contiguous: bool) -> Any:
-    if isinstance(obj, Tensor) and obj.is_floating_point():
-        return obj.to(dtype=dtype, memory_format=torch.contiguous_format if contiguous else torch.preserve_format)
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cast_tree(o, dtype, contiguous) for o in obj)
-    return obj
-
-
-class Cast(nn.Module):
-    """Runs ``module`` in ``dtype``: floating tensor inputs (also in lists) are cast first.
-
-    Used for fp32 islands in a bf16 model (torchvision RoIAlign, unfolded norms) and for layers that
-    are converted but not fused (``ConvTranspose2d``). ``contiguous=True`` also turns channels_last
-    inputs into NCHW in the same copy. The state dict is keyed as if ``module`` were not wrapped.
-    """
-
-    def __init__(self, module: nn.Module, dtype: torch.dtype, contiguous: bool = False) -> None:
-        super().__init__()
-        self.module = module.to(dtype)
-        self.dtype, self.contiguous = dtype, bool(contiguous)
-
-    def forward(self, *args: Any) -> Any:
-        return self.module(*_cast_tree(args, self.dtype, self.contiguous))
-
-    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
-        """The wrapped module's state dict, keyed as if it were not wrapped."""
-        return self.module.state_dict(*args, destination=destination, prefix=prefix, keep_vars=keep_vars)
 
 
 # --------------------------------------------------------------------------- RoIAlign
@@ -363,17 +183,16 @@ class FastMultiScaleRoIAlign(nn.Module):
 
 
 # --------------------------------------------------------------------------- conversion
-_FUSED = (InferenceConv2d, PackedLinear, FusedStem, FusedBottleneck, FusedBasicBlock, FusedFCHead, Cast,
-          FastMultiScaleRoIAlign)
 _NORMS = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, FrozenBatchNorm2d)
 
 
 def _folded(*norms: Optional[nn.Module]) -> bool:
+    """True when every norm is absent or folded away (``nn.Identity``)."""
     return all(n is None or isinstance(n, nn.Identity) for n in norms)
 
 
 class _Converter:
-    """Replaces detkit modules by their inference versions (see :func:`optimize_for_inference`)."""
+    """Replaces modules by their inference versions as :data:`_CONVERSIONS` says (:func:`optimize_for_inference`)."""
 
     def __init__(self, dtype: torch.dtype, linear_mkldnn: bool, fast_roi_align: bool) -> None:
         self.dtype, self.linear_mkldnn, self.fast_roi_align = dtype, linear_mkldnn, fast_roi_align
@@ -393,51 +212,18 @@ class _Converter:
         return Cast(m, torch.float32, contiguous) if self.low_precision else m
 
     def module(self, m: nn.Module) -> nn.Module:
-        """The replacement of ``m`` (``m`` itself, possibly with converted children)."""
-        fused: nn.Module
-        if isinstance(m, _FUSED):
-            return m
-        if isinstance(m, Stem) and _folded(m.bn1):
-            return FusedStem(m, self.dtype)
-        if isinstance(m, (Bottleneck, BasicBlock)) and _folded(
-            m.bn1, m.bn2, getattr(m, "bn3", None), getattr(m.skip, "norm", None)
-        ):
-            fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, self.dtype)
-            self.children(fused)  # the shortcut
-            return fused
-        if isinstance(m, ConvNormAct) and isinstance(m.conv, nn.Conv2d) and _folded(m.norm) \
-                and isinstance(m.act, (nn.ReLU, nn.Identity)):
-            m.conv = self.conv(m.conv, relu=isinstance(m.act, nn.ReLU))  # keeps the ``*.conv.*`` keys
-            m.act = nn.Identity()
-            return m
-        if isinstance(m, RPNHead):  # its forward applies relu(conv(x)) to each tower conv
-            for i, c in enumerate(m.convs):
-                m.convs[i] = self.conv(c, relu=True)
-            m.objectness, m.anchor_deltas = self.conv(m.objectness), self.conv(m.anchor_deltas)
-            return m
-        if isinstance(m, StandardROIHeads) and isinstance(m.box_head, FastRCNNConvFCHead) and len(m.box_head.fcs):
-            m.box_head = FusedFCHead(m.box_head, m.box_pooler.output_size[0], self)
-        if isinstance(m, FastRCNNConvFCHead):  # its forward applies relu(fc(x)) to each fc
-            self.children(m.convs)
-            for i, fc in enumerate(m.fcs):
-                m.fcs[i] = self.linear(fc, relu=True)
-            return m
-        if isinstance(m, FastRCNNPredictor):  # the last layers stay fp32: class scores and box deltas
-            m.cls_score = self.linear(m.cls_score, dtype=torch.float32)
-            m.bbox_pred = self.linear(m.bbox_pred, dtype=torch.float32)
-            return m
-        if isinstance(m, MultiScaleRoIAlign):  # fast gather on CPU, else torchvision's on fp32 NCHW
-            return FastMultiScaleRoIAlign(m) if self.fast_roi_align else self.fp32_island(m, contiguous=True)
-        if isinstance(m, nn.Conv2d):
-            return self.conv(m)
-        if isinstance(m, nn.Linear):
-            return self.linear(m)
-        if isinstance(m, nn.ConvTranspose2d):
-            return Cast(m, self.dtype)
-        if isinstance(m, _NORMS):  # not folded (GroupNorm, BN in training mode): fp32
-            return self.fp32_island(m)
+        """The replacement of ``m``: the conversion of the first :data:`_CONVERSIONS` entry ``m`` is an
+        instance of, else :meth:`generic`."""
+        for types, convert in _CONVERSIONS.items():
+            if isinstance(m, types):
+                return convert(self, m)
+        return self.generic(m)
+
+    def generic(self, m: nn.Module) -> nn.Module:
+        """A module without a conversion of its own (or not fusable as it is): an fp32 island when it
+        is an unknown layer with weights, else ``m`` with its children converted."""
         if not any(True for _ in m.children()) and any(True for _ in m.parameters(recurse=False)):
-            return self.fp32_island(m)  # an unknown layer with weights
+            return self.fp32_island(m)
         self.children(m)
         return m
 
@@ -448,21 +234,85 @@ class _Converter:
                 setattr(parent, name, new)
 
 
-def _glibc() -> Optional[ctypes.CDLL]:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
-    except OSError:
-        return None
+def _stem(c: _Converter, m: Stem) -> nn.Module:
+    return FusedStem(m, c.dtype) if _folded(m.bn1) else c.generic(m)
+
+
+def _residual_block(c: _Converter, m: Union[Bottleneck, BasicBlock]) -> nn.Module:
+    if not _folded(m.bn1, m.bn2, getattr(m, "bn3", None), getattr(m.skip, "norm", None)):
+        return c.generic(m)
+    fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, c.dtype)
+    c.children(fused)  # the shortcut
+    return fused
+
+
+def _conv_norm_act(c: _Converter, m: ConvNormAct) -> nn.Module:
+    if not (isinstance(m.conv, nn.Conv2d) and _folded(m.norm) and isinstance(m.act, (nn.ReLU, nn.Identity))):
+        return c.generic(m)
+    m.conv = c.conv(m.conv, relu=isinstance(m.act, nn.ReLU))  # keeps the ``*.conv.*`` keys
+    m.act = nn.Identity()
+    return m
+
+
+def _rpn_head(c: _Converter, m: RPNHead) -> nn.Module:
+    for i, conv in enumerate(m.convs):  # its forward applies relu(conv(x)) to each tower conv
+        m.convs[i] = c.conv(conv, relu=True)
+    m.objectness, m.anchor_deltas = c.conv(m.objectness), c.conv(m.anchor_deltas)
+    return m
+
+
+def _roi_heads(c: _Converter, m: StandardROIHeads) -> nn.Module:
+    if isinstance(m.box_head, FastRCNNConvFCHead) and len(m.box_head.fcs):  # reads channels-last RoI features
+        m.box_head = FusedFCHead(m.box_head, m.box_pooler.output_size[0], c)
+    return c.generic(m)
+
+
+def _fc_head(c: _Converter, m: FastRCNNConvFCHead) -> nn.Module:
+    c.children(m.convs)
+    for i, fc in enumerate(m.fcs):  # its forward applies relu(fc(x)) to each fc
+        m.fcs[i] = c.linear(fc, relu=True)
+    return m
+
+
+def _box_predictor(c: _Converter, m: FastRCNNPredictor) -> nn.Module:
+    m.cls_score = c.linear(m.cls_score, dtype=torch.float32)  # fp32 islands: class scores and box deltas
+    m.bbox_pred = c.linear(m.bbox_pred, dtype=torch.float32)
+    return m
+
+
+def _pooler(c: _Converter, m: MultiScaleRoIAlign) -> nn.Module:
+    # the fast gather on CPU, else torchvision's RoIAlign on fp32 NCHW features
+    return FastMultiScaleRoIAlign(m) if c.fast_roi_align else c.fp32_island(m, contiguous=True)
+
+
+#: module type(s) -> its inference conversion ``(converter, module) -> replacement``; the first entry a
+#: module is an instance of applies (modules of no entry: :meth:`_Converter.generic`). Fusable blocks
+#: whose norms are not folded (GroupNorm, BN in training mode) are converted generically.
+_CONVERSIONS: dict[Union[type, tuple[type, ...]], Callable[[_Converter, Any], nn.Module]] = {
+    (InferenceConv2d, PackedLinear, FusedStem, FusedBottleneck, FusedBasicBlock, FusedFCHead, Cast,
+     FastMultiScaleRoIAlign): lambda c, m: m,  # already converted
+    Stem: _stem,
+    (Bottleneck, BasicBlock): _residual_block,
+    ConvNormAct: _conv_norm_act,
+    RPNHead: _rpn_head,
+    StandardROIHeads: _roi_heads,
+    FastRCNNConvFCHead: _fc_head,
+    FastRCNNPredictor: _box_predictor,
+    MultiScaleRoIAlign: _pooler,
+    nn.Conv2d: _Converter.conv,
+    nn.Linear: _Converter.linear,
+    nn.ConvTranspose2d: lambda c, m: Cast(m, c.dtype),  # converted, not fused
+    _NORMS: _Converter.fp32_island,  # not folded: fp32
+}
 
 
 def _release_freed_memory() -> None:
-    """Hand freed heap pages (the replaced weights) back to the OS, so they do not stay resident."""
-    libc = _glibc()
-    if libc is not None:
-        libc.malloc_trim(0)
+    """Hand freed heap pages (the replaced weights) back to the OS (glibc), so they do not stay resident."""
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def optimize_for_inference(

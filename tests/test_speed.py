@@ -154,6 +154,27 @@ def test_folded_bn_equals_unfolded() -> None:
                 _close(ref[k], out[k], 1e-4)
 
 
+@pytest.mark.parametrize("norm,shortcut", [("FrozenBN", "A"), ("FrozenBN", "C"), ("GN", "B")])
+def test_resnet_blocks_fuse_when_folded_else_convert_generically(norm: str, shortcut: str) -> None:
+    torch.manual_seed(0)
+    plain = build_resnet("resnet18", norm=norm, freeze_at=0, shortcut=shortcut).eval()
+    _randomize_norms(plain)
+    fused = optimize_for_inference(copy.deepcopy(plain), "fp32")
+    kinds = {type(m) for m in fused.modules()}
+    if norm == "GN":  # nothing folds: the blocks stay, their convs are converted, the norms kept
+        assert not kinds & {speed.FusedStem, speed.FusedBasicBlock} and nn.GroupNorm in kinds
+    else:
+        assert {speed.FusedStem, speed.FusedBasicBlock} <= kinds and FrozenBatchNorm2d not in kinds
+    assert InferenceConv2d in kinds and nn.Conv2d not in kinds
+    folded = fold_frozen_bn(copy.deepcopy(plain)).state_dict()
+    assert list(fused.state_dict()) == list(folded)  # option C's proj_shortcut keys too
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        ref, out = plain(x), fused(x)
+    for k in ref:
+        _close(ref[k], out[k], 1e-4)
+
+
 def test_channels_last_gives_the_same_results() -> None:
     plain = _detector()
     cl = optimize_for_inference(copy.deepcopy(plain), "fp32", fuse=False, channels_last=True)
