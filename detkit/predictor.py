@@ -12,17 +12,18 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import cv2
 import numpy as np
 import torch
 
+from .checkpoint import load_initial_weights
 from .config import DetectionConfig, load_config
+from .data.classes import resolve_classes
+from .data.transforms import build_detection_transform
 from .models.build import build_detector
 from .models.detector import rescale_detections
 from .speed import optimize_for_inference, resolve_precision
@@ -54,30 +55,6 @@ class Prediction:
         return int(self.boxes.shape[0])
 
 
-def resize_shortest_edge(image: np.ndarray, min_size: int, max_size: int) -> np.ndarray:
-    """Resize (bilinear) so the short side is ``min_size`` and the long side at most ``max_size``."""
-    h, w = image.shape[:2]
-    scale = min_size / min(h, w)
-    if max(h, w) * scale > max_size:
-        scale = max_size / max(h, w)
-    new_h, new_w = max(int(h * scale + 0.5), 1), max(int(w * scale + 0.5), 1)
-    if (new_h, new_w) == (h, w):
-        return image
-    return cv2.resize(image, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
-
-
-def _class_names_from_annotations(path: Optional[str]) -> Optional[list[str]]:
-    """Category names in sorted-id order (detkit's contiguous labels) from a COCO-format file."""
-    if not path or not os.path.isfile(path):
-        return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            cats = json.load(f).get("categories") or []
-        return [str(c["name"]) for c in sorted(cats, key=lambda c: int(c["id"]))] or None
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-
-
 def _check_image(image: Any, index: Optional[int] = None) -> np.ndarray:
     where = "image" if index is None else f"image {index}"
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
@@ -96,9 +73,11 @@ def _check_image(image: Any, index: Optional[int] = None) -> np.ndarray:
 class Predictor:
     """Load a detector from a config (and weights) and run it on RGB numpy images.
 
-    Images are resized (short side ``input.min_size_test``, long side at most
-    ``input.max_size_test``, bilinear), detected, and the results are mapped back to
-    the input image: boxes scaled, masks pasted at full resolution.
+    Images go through the evaluation pipeline's test-time transform
+    (:func:`detkit.data.transforms.build_detection_transform` with ``is_train=False``: short side
+    ``input.min_size_test``, long side at most ``input.max_size_test`` unless that is 0, bilinear),
+    so the model sees what ``eval_det.py`` gives it; the detections are mapped back to the input
+    image: boxes scaled, masks pasted at full resolution.
 
     Args:
         config: path of a YAML config, or a loaded :class:`DetectionConfig`.
@@ -119,7 +98,9 @@ class Predictor:
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
-        class_names: name of each label.
+        classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids);
+        class_names: name of each label; precision: ``"fp32"`` or ``"bf16"``, the one in use;
+        transform: the test-time transform, built from ``cfg.input`` when the Predictor is made.
     """
 
     def __init__(
@@ -142,38 +123,16 @@ class Predictor:
         else:
             raise TypeError(f"Predictor: config must be a path or a DetectionConfig, got {type(config).__name__}")
 
-        names = cfg.data.class_names or _class_names_from_annotations(cfg.data.train.annotations) \
-            or _class_names_from_annotations(cfg.data.val.annotations)
-        num_classes = cfg.model.num_classes if cfg.model.num_classes is not None else (len(names) if names else None)
-        if num_classes is None:
-            raise ValueError(
-                "Predictor: the number of classes is unknown; set model.num_classes or data.class_names in the config"
-            )
-        if names is not None and len(names) != num_classes:
-            raise ValueError(
-                f"Predictor: model.num_classes={num_classes} but data.class_names has {len(names)} names; make them agree"
-            )
-        self.class_names: list[str] = list(names) if names else [f"class_{i}" for i in range(num_classes)]
-
-        source = weights if weights is not None else cfg.model.weights
-        cfg.model.weights = None
-        if source is not None:
-            cfg.model.backbone.weights = None  # the detector weights cover the backbone
+        self.classes = resolve_classes(cfg)
+        self.class_names: list[str] = list(self.classes.names)
         self.cfg = cfg
+        self.transform = build_detection_transform(cfg.input, is_train=False)
         self.device = torch.device(device)
-        model = build_detector(cfg, num_classes)
-        if source is not None:
-            from .checkpoint import load_weights
-
-            report = load_weights(model, source)
-            logger.info("Predictor weights: %s", report.summary())
-            if report.missing or report.mismatched:
-                logger.warning(
-                    "Predictor: %d model tensors were not in the weights (missing/mismatched); "
-                    "they keep their random initialization", len(report.missing) + len(report.mismatched)
-                )
-        elif cfg.model.backbone.weights is None:
-            logger.warning("Predictor: no weights given (weights=None and model.weights unset): random model")
+        model = build_detector(cfg, self.classes.num_classes)
+        load_initial_weights(model, cfg, weights, training=False, weights_key="Predictor(weights=...)")
+        if weights is None and not cfg.model.weights:
+            logger.warning("Predictor: no weights given (weights=None and model.weights unset): random %s",
+                           "heads" if cfg.model.backbone.weights else "model")
         model.eval()
         self.model = model.to(self.device)
         self.precision = resolve_precision(precision or cfg.test.precision, self.device)
@@ -199,13 +158,13 @@ class Predictor:
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise ValueError("Predictor.predict: expects a list of images; use predictor(image) for one image")
         images = [_check_image(im, i) for i, im in enumerate(images)]
-        min_size, max_size = self.cfg.input.min_size_test, self.cfg.input.max_size_test
         batch = max(int(self.cfg.test.batch_size), 1)
         results: list[Prediction] = []
         for start in range(0, len(images), batch):
             chunk = images[start : start + batch]
-            resized = [resize_shortest_edge(im, min_size, max_size) for im in chunk]
-            tensors = [torch.from_numpy(np.ascontiguousarray(r)).permute(2, 0, 1).to(self.device) for r in resized]
+            resized = [self.transform(im).image for im in chunk]  # H' x W' x 3 uint8
+            # (H', W', 3) -> (3, H', W') uint8, laid out as the evaluation dataset does
+            tensors = [torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))).to(self.device) for r in resized]
             with torch.inference_mode(), self._context():
                 dets = self.model.predict(tensors, paste_masks=False)
                 for im, r, det in zip(chunk, resized, dets):

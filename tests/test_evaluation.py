@@ -18,7 +18,13 @@ import torch.multiprocessing as mp
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from detkit.evaluation import SUMMARY_KEYS, COCOEvaluator, format_coco_table, format_per_class_table
+from detkit.evaluation import (
+    SUMMARY_KEYS,
+    COCOEvaluator,
+    detections_to_coco,
+    format_coco_table,
+    format_per_class_table,
+)
 from detkit.structures import Detections
 
 CATEGORY_IDS = [3, 7, 12]  # non-contiguous; labels 0, 1, 2
@@ -270,6 +276,39 @@ def test_labels_map_to_category_ids_and_results_file(gt_file: str, tmp_path: Pat
     ev.write_results(out)
     assert json.loads(out.read_text()) == ev.results
     assert list(out.parent.iterdir()) == [out]  # no temporary file left behind
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pycocotools' decode under numpy 2
+def test_detections_to_coco_records() -> None:
+    """The one conversion: field order, float32 or rounded values, category ids, RLE masks, extras."""
+    masks = np.zeros((2, 30, 40), bool)
+    masks[0, 3:9, 4:12] = True
+    masks[1, 10:25, 20:38] = True
+    boxes = torch.tensor([[1.1, 2.2, 33.3, 14.7], [20.0, 10.0, 38.0, 25.0]])
+    scores, labels = torch.tensor([0.91234567, 0.5]), torch.tensor([2, 0])
+    recs = detections_to_coco(5, boxes, scores, labels, CATEGORY_IDS, masks)
+    assert [list(r) for r in recs] == [["image_id", "category_id", "bbox", "score", "segmentation"]] * 2
+    assert [(r["image_id"], r["category_id"]) for r in recs] == [(5, 12), (5, 3)]
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], 1)  # float32 arithmetic
+    assert [r["bbox"] for r in recs] == xywh.tolist() and [r["score"] for r in recs] == scores.tolist()
+    for r, m in zip(recs, masks):
+        assert r["segmentation"]["size"] == [30, 40] and isinstance(r["segmentation"]["counts"], str)
+        np.testing.assert_array_equal(mask_util.decode(r["segmentation"]).astype(bool), m)
+    assert json.loads(json.dumps(recs)) == recs
+
+    # numpy input, rounding, label + 1, extras placed before the segmentation
+    rounded = detections_to_coco(5, boxes.numpy(), scores.numpy(), labels.numpy(), None, masks,
+                                 extras=[{"file_name": "a.png"}, {"file_name": "a.png"}],
+                                 bbox_decimals=2, score_decimals=5)
+    assert list(rounded[0]) == ["image_id", "category_id", "bbox", "score", "file_name", "segmentation"]
+    assert rounded[0]["bbox"] == [1.1, 2.2, 32.2, 12.5] and rounded[0]["score"] == 0.91235
+    assert [r["category_id"] for r in rounded] == [3, 1]
+    assert rounded[0]["segmentation"] == recs[0]["segmentation"]
+    assert detections_to_coco(1, torch.zeros(0, 4), torch.zeros(0), torch.zeros(0, dtype=torch.int64), [3]) == []
+    with pytest.raises(ValueError, match=r"labels span \[0, 2\] but category_ids has 2 entries"):
+        detections_to_coco(1, boxes, scores, labels, [3, 7])
+    with pytest.raises(ValueError, match=r"boxes have shape \(2, 3\), expected \(2, 4\)"):
+        detections_to_coco(1, boxes[:, :3], scores, labels, CATEGORY_IDS)
 
 
 def test_bad_inputs_raise_clear_errors(gt_file: str) -> None:

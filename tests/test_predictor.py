@@ -10,8 +10,9 @@ from torchvision.ops import box_iou
 
 from detkit import Predictor
 from detkit.config import load_config
+from detkit.data.transforms import build_detection_transform
 from detkit.models.build import build_detector
-from detkit.predictor import resize_shortest_edge
+from detkit.speed import InferenceConv2d, bf16_supported
 
 SMALL = {
     "model": {
@@ -26,14 +27,7 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
-    make these CPU-heavy tests 5-10x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _write(tmp_path, bias: float, extra: dict | None = None):
@@ -82,8 +76,9 @@ def test_roundtrip_maps_back_to_input_size(tmp_path) -> None:
     assert ((res.labels >= 0) & (res.labels < 3)).all()
     assert (np.diff(res.scores) <= 0).all()
 
-    # the same model by hand: resize (150x230 -> 96x147), predict, scale boxes by the per-axis ratios
-    small = resize_shortest_edge(img, 96, 160)
+    # the same model by hand: the eval pipeline's resize (150x230 -> 96x147), predict, scale boxes
+    # by the per-axis ratios
+    small = build_detection_transform(load_config(cfg_path).input, is_train=False)(img).image
     assert small.shape == (96, 147, 3)
     model.eval()
     (det,) = model.predict([torch.from_numpy(small).permute(2, 0, 1)], paste_masks=False)
@@ -104,9 +99,20 @@ def test_roundtrip_maps_back_to_input_size(tmp_path) -> None:
 
 
 def test_bf16_runs_and_returns_float32(tmp_path) -> None:
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16/AMX, or DETKIT_DISABLE_BF16=1): "
+                    "the Predictor would fall back to fp32, so there is no bf16 to test")
     cfg_path, weights, _ = _write(tmp_path, bias=-5.0)
     fp32 = Predictor(cfg_path, weights=weights)(_image())
-    res = Predictor(cfg_path, weights=weights, precision="bf16")(_image())
+    pred = Predictor(cfg_path, weights=weights, precision="bf16")
+    # bf16 is really in use: the precision, the stored conv weights and the features the model computes
+    assert pred.precision == "bf16" and pred.model.inference_precision == "bf16"
+    convs = [m for m in pred.model.modules() if isinstance(m, InferenceConv2d)]
+    assert convs and {m.weight.dtype for m in convs} == {torch.bfloat16}
+    features: list[dict[str, torch.Tensor]] = []
+    pred.model.backbone.register_forward_hook(lambda module, args, out: features.append(out))
+    res = pred(_image())
+    assert len(features) == 1 and {f.dtype for f in features[0].values()} == {torch.bfloat16}
     assert res.boxes.dtype == np.float32 and res.scores.dtype == np.float32
     assert len(res) > 0 and np.isfinite(res.boxes).all()
     # Random weights give many near-tied scores, so bf16 noise may reorder them and change a few
@@ -169,3 +175,56 @@ def test_faster_rcnn_has_no_masks_and_batches(tmp_path) -> None:
         assert r.boxes.dtype == np.float32 and r.boxes.shape == (len(r), 4)
         assert r.labels.dtype == np.int64 and r.labels.shape == (len(r),)
         assert (r.boxes[:, [0, 2]] <= w).all() and (r.boxes[:, [1, 3]] <= h).all()
+
+
+@pytest.mark.parametrize(
+    "min_size, max_size, expected",
+    [
+        (96, 160, [(96, 147), (128, 96), (160, 21), (96, 160)]),
+        (96, 0, [(96, 147), (128, 96), (720, 96), (96, 160)]),  # 0: no cap on the long side
+        (64, 100, [(64, 98), (85, 64), (100, 13), (60, 100)]),
+    ],
+)
+def test_model_input_matches_eval_pipeline(tmp_path, monkeypatch, min_size: int, max_size: int, expected) -> None:
+    """The Predictor feeds the model exactly what the evaluation dataset feeds it (same tensors)."""
+    import json
+
+    import cv2
+
+    from detkit.data.coco import load_coco
+    from detkit.engine.detection import build_test_dataset
+
+    shapes = [(150, 230), (120, 90), (300, 40), (96, 160)]
+    images = [_image(h, w, seed=i) for i, (h, w) in enumerate(shapes)]
+    for i, img in enumerate(images):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))  # lossless
+    coco = {
+        "images": [{"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in enumerate(shapes)],
+        "annotations": [],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SMALL["data"]["class_names"])],
+    }
+    (tmp_path / "val.json").write_text(json.dumps(coco))
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(SMALL))
+    cfg = load_config(cfg_path, [f"input.min_size_test={min_size}", f"input.max_size_test={max_size}"])
+    dataset = build_test_dataset(cfg, load_coco(tmp_path / "val.json", tmp_path, filter_empty=False, is_train=False))
+    eval_inputs = [dataset[i].image for i in range(len(shapes))]
+
+    pred = Predictor(cfg, optimize=False)
+    seen: list[torch.Tensor] = []
+    predict = pred.model.predict
+
+    def capture(tensors, **kwargs):
+        seen.extend(t.clone() for t in tensors)
+        return predict(tensors, **kwargs)
+
+    monkeypatch.setattr(pred.model, "predict", capture)
+    results = pred.predict(images)
+
+    assert [tuple(t.shape[1:]) for t in eval_inputs] == expected
+    assert len(seen) == len(shapes)
+    for got, want in zip(seen, eval_inputs):
+        assert got.dtype == want.dtype == torch.uint8
+        assert torch.equal(got, want)
+    for r, (h, w) in zip(results, shapes):
+        assert r.masks.shape[1:] == (h, w)  # mapped back to the input image

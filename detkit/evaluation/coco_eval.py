@@ -1,7 +1,8 @@
 """COCO-style detection and instance segmentation evaluation.
 
 :class:`COCOEvaluator` turns per-image :class:`~detkit.structures.Detections` (already in
-original image pixels, contiguous labels in ``[0, K)``) into COCO result dicts, gathers them
+original image pixels, contiguous labels in ``[0, K)``) into COCO result dicts
+(:func:`~detkit.evaluation.results.detections_to_coco`), gathers them
 across processes under ``torch.distributed`` and runs ``COCOeval`` from pycocotools (or the
 API-compatible ``faster-coco-eval`` package) on rank 0.
 
@@ -25,19 +26,20 @@ import json
 import logging
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
-import pycocotools.mask as mask_util
 import torch
 import torch.distributed as dist
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from detkit.structures import Detections
+
+from ..fileio import write_json_atomic
+from .results import detections_to_coco
 
 __all__ = ["COCOEvaluator", "format_coco_table", "format_per_class_table", "SUMMARY_KEYS"]
 
@@ -132,22 +134,6 @@ def _percent(v: float) -> float:
     """COCOeval number (fraction, -1 for "nothing to measure") -> percent or nan."""
     v = float(v)
     return v * 100.0 if v >= 0 else math.nan
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same folder + fsync + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 class COCOEvaluator:
@@ -249,32 +235,12 @@ class COCOEvaluator:
         n = len(det)
         if n == 0:
             return []
-        boxes = det.boxes.detach().to("cpu", torch.float32)
-        if boxes.shape != (n, 4):
-            raise ValueError(f"image {image_id}: boxes have shape {tuple(boxes.shape)}, expected ({n}, 4) xyxy")
-        xywh = boxes.clone()
-        xywh[:, 2:] = boxes[:, 2:] - boxes[:, :2]  # (N, 4) xyxy -> (N, 4) xywh
-        scores = det.scores.detach().to("cpu", torch.float32).tolist()
-        labels = det.labels.detach().to("cpu", torch.int64)
-        k = len(self.category_ids)
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
-            raise ValueError(
-                f"image {image_id}: detection labels span [{int(labels.min())}, {int(labels.max())}] but "
-                f"category_ids has {k} entries: labels must be contiguous in [0, {k})"
-            )
-        cat_ids = [self.category_ids[i] for i in labels.tolist()]
-        rles = self._encode_masks(image_id, img, det.masks, n) if "segm" in self.iou_types else None
-        out = []
-        for i, (box, score, cat) in enumerate(zip(xywh.tolist(), scores, cat_ids)):
-            r: dict[str, Any] = {"image_id": image_id, "category_id": cat, "bbox": box, "score": score}
-            if rles is not None:
-                r["segmentation"] = rles[i]
-            out.append(r)
-        return out
+        masks = self._checked_masks(image_id, img, det.masks, n) if "segm" in self.iou_types else None
+        return detections_to_coco(image_id, det.boxes, det.scores, det.labels, self.category_ids, masks)
 
     @staticmethod
-    def _encode_masks(image_id: int, img: dict, masks: Optional[torch.Tensor], n: int) -> list[dict[str, Any]]:
-        """Bool [N, H, W] masks -> N compressed RLEs with str counts (JSON-ready)."""
+    def _checked_masks(image_id: int, img: dict, masks: Optional[torch.Tensor], n: int) -> torch.Tensor:
+        """The bool [N, H, W] masks pasted at the image's size; a clear error for anything else."""
         if masks is None:
             raise ValueError(
                 f"image {image_id}: detections have no masks but iou_types includes 'segm': "
@@ -286,12 +252,7 @@ class COCOEvaluator:
                 f"image {image_id}: masks have shape {tuple(masks.shape)}, expected bool ({n}, {h}, {w}) "
                 "pasted at the original image size (paste mask probabilities before evaluation)"
             )
-        # (N, H, W) -> (H, W, N) Fortran-ordered uint8, the layout pycocotools encodes
-        m = masks.detach().to("cpu").bool().permute(1, 2, 0).numpy().astype(np.uint8)
-        rles = mask_util.encode(np.asfortranarray(m))
-        for rle in rles:
-            rle["counts"] = rle["counts"].decode("ascii")
-        return rles
+        return masks
 
     # ------------------------------------------------------------------ evaluate
     def _use_distributed(self) -> bool:
@@ -381,7 +342,7 @@ class COCOEvaluator:
 
     def write_results(self, path: Union[str, os.PathLike]) -> None:
         """Write :attr:`results` as a COCO results JSON file (atomically)."""
-        _atomic_write_text(Path(path), json.dumps(self.results))
+        write_json_atomic(path, self.results)
 
 
 # ---------------------------------------------------------------------- tables

@@ -1,0 +1,370 @@
+"""Run a :class:`~detkit.predictor.Predictor` on an image, a folder of images or a video: what
+``tools/infer.py`` does.
+
+:func:`run_inference` lists the input (:func:`list_input`), resolves the records' image ids from
+a COCO annotations file (:func:`read_coco_json`, :func:`image_ids_for`) and their category ids
+(:func:`resolve_category_ids`), predicts, draws each image or frame into the output folder and
+writes the detections as a COCO results file (:func:`prediction_records`, one record per
+detection, via :func:`detkit.evaluation.detections_to_coco`). Progress lines go to stdout,
+warnings (``warning: ...``) to stderr; bad input raises a :class:`~detkit.errors.DetkitError`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Sequence
+
+import numpy as np
+
+from .config import load_detection_config
+from .data.classes import ClassInfo
+from .data.coco import DatasetError
+from .data.images import IMAGE_EXTENSIONS, read_image
+from .errors import UsageError
+from .evaluation import detections_to_coco
+from .fileio import write_json_atomic
+from .machine import resolve_device
+from .predictor import Prediction, Predictor
+from .visualization import draw_detections
+
+__all__ = [
+    "VIDEO_EXTENSIONS",
+    "InferInput",
+    "CocoIndex",
+    "CategoryIds",
+    "InferOptions",
+    "list_input",
+    "read_coco_json",
+    "resolve_category_ids",
+    "image_ids_for",
+    "confident",
+    "prediction_records",
+    "build_predictor",
+    "run_images",
+    "run_video",
+    "run_inference",
+]
+
+#: file extensions read as videos (lower case, with the dot)
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
+#: decimals of the records' ``bbox`` (pixels) and ``score``
+BBOX_DECIMALS, SCORE_DECIMALS = 2, 5
+
+
+def _warn(msg: str) -> None:
+    print(f"warning: {msg}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class InferInput:
+    """What ``--input`` names: ``kind="images"`` with the image, or a folder's images sorted by
+    name; ``kind="video"`` with ``files == [the video]``."""
+
+    kind: Literal["images", "video"]
+    files: list[Path]
+
+
+def list_input(path: Path) -> InferInput:
+    """The images or the video that ``path`` names; :class:`UsageError` for anything else."""
+    path = Path(path)
+    images, videos = ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(sorted(VIDEO_EXTENSIONS))
+    if not path.exists():
+        raise UsageError(f"--input {path}: no such file or folder; pass an image, a folder of images or a video")
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+        if not files:
+            raise UsageError(f"--input {path}: folder holds no images ({images})")
+        return InferInput("images", files)
+    ext = path.suffix.lower()
+    if ext in VIDEO_EXTENSIONS:
+        return InferInput("video", [path])
+    if ext in IMAGE_EXTENSIONS:
+        return InferInput("images", [path])
+    raise UsageError(f"--input {path}: unknown file type {ext or '(none)'!r}; use an image ({images}) "
+                     f"or a video ({videos})")
+
+
+@dataclass(frozen=True)
+class CocoIndex:
+    """What a COCO annotations file says about the records' ids.
+
+    Attributes:
+        image_ids: base name of each image's ``file_name`` -> its image id; -1 when the base name
+            is listed twice with different ids (ambiguous).
+        category_ids: the file's category ids, sorted.
+    """
+
+    image_ids: dict[str, int]
+    category_ids: list[int]
+
+
+def read_coco_json(path: Path) -> CocoIndex:
+    """The :class:`CocoIndex` of a COCO annotations file (``--coco-json``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"--coco-json {path}: no such file; pass a COCO annotations file such as "
+                         "instances_val2017.json")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise DatasetError(f"--coco-json {path}: not readable JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+        raise DatasetError(f"--coco-json {path}: no 'images' list; pass a COCO annotations file (not a results file)")
+    ids: dict[str, int] = {}
+    try:
+        for im in data["images"]:
+            name, iid = Path(str(im["file_name"])).name, int(im["id"])
+            ids[name] = iid if ids.get(name, iid) == iid else -1
+        cats = sorted({int(c["id"]) for c in data.get("categories") or []})
+    except (KeyError, TypeError, ValueError) as e:
+        raise DatasetError(f"--coco-json {path}: an image or category lacks a valid {e} entry") from None
+    return CocoIndex(ids, cats)
+
+
+@dataclass(frozen=True)
+class CategoryIds:
+    """The records' category id of each label (None: ``label + 1``) and where they come from."""
+
+    ids: Optional[list[int]]
+    source: str
+
+
+def resolve_category_ids(classes: ClassInfo, coco_categories: Optional[Sequence[int]]) -> CategoryIds:
+    """The records' category ids: the data's ids that the config records (``data.category_ids``,
+    or its annotation files' categories, see :func:`~detkit.data.classes.resolve_classes`); else
+    ``coco_categories`` (``--coco-json``'s sorted ids) when there is one per class; else None,
+    i.e. ``label + 1``. Recorded ids missing from ``coco_categories`` are warned about."""
+    if classes.category_ids:
+        source = ("the config's data.category_ids" if classes.source == "data.class_names"
+                  else f"the categories of {classes.source}")
+        if coco_categories and not set(classes.category_ids) <= set(coco_categories):
+            missing = sorted(set(classes.category_ids) - set(coco_categories))[:5]
+            _warn(f"category ids {missing} of {source} are not in --coco-json's categories")
+        return CategoryIds([int(c) for c in classes.category_ids], source)
+    if coco_categories and len(coco_categories) == classes.num_classes:
+        return CategoryIds([int(c) for c in coco_categories], "--coco-json's categories (sorted ids)")
+    return CategoryIds(None, "label + 1 (the config records no data.category_ids)")
+
+
+def image_ids_for(files: Sequence[Path], coco_ids: Optional[dict[str, int]],
+                  coco_json: Optional[str]) -> list[Optional[int]]:
+    """The image id of each input file: its ``--coco-json`` id (None when not listed, warned),
+    else its position in ``files``."""
+    if coco_ids is None:
+        return list(range(len(files)))
+    ids: list[Optional[int]] = []
+    for f in files:
+        iid = coco_ids.get(f.name)
+        if iid == -1:
+            raise DatasetError(f"--coco-json {coco_json}: {f.name} is listed twice with different image ids")
+        ids.append(iid)
+    missing = [f.name for f, i in zip(files, ids) if i is None]
+    if len(missing) == len(files):
+        raise UsageError(f"--coco-json {coco_json}: none of the input images ({files[0].name}, ...) is listed in "
+                         "its 'images'; pass the annotations of these images")
+    if missing:
+        _warn(f"{len(missing)} input image(s) not in --coco-json get no records (e.g. {missing[0]})")
+    return ids
+
+
+def confident(pred: Prediction, score_thresh: float) -> Prediction:
+    """The detections of ``pred`` scoring at least ``score_thresh``."""
+    keep = pred.scores >= score_thresh
+    return Prediction(pred.boxes[keep], pred.scores[keep], pred.labels[keep],
+                      None if pred.masks is None else pred.masks[keep])
+
+
+def prediction_records(pred: Prediction, class_names: Sequence[str], file_name: str, image_id: int,
+                       category_ids: Optional[Sequence[int]] = None, frame: Optional[int] = None) -> list[dict]:
+    """COCO results records of one image: ``image_id``, ``category_id`` (``category_ids[label]``,
+    or label + 1 when None), ``bbox`` [x, y, w, h] (0.01 px), ``score`` (5 decimals), then
+    ``file_name``, ``label``, ``category_name`` (and ``frame`` for a video), which COCO tools
+    ignore, and ``segmentation`` (compressed RLE, str counts) for Mask R-CNN."""
+    extras = []
+    for label in pred.labels.tolist():
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        extra: dict[str, Any] = {"file_name": file_name, "label": label, "category_name": name}
+        if frame is not None:
+            extra["frame"] = frame
+        extras.append(extra)
+    return detections_to_coco(image_id, pred.boxes, pred.scores, pred.labels, category_ids, pred.masks,
+                              extras=extras, bbox_decimals=BBOX_DECIMALS, score_decimals=SCORE_DECIMALS)
+
+
+def _draw(image: np.ndarray, pred: Prediction, class_names: Sequence[str], score_thresh: float) -> np.ndarray:
+    return draw_detections(image, pred.boxes, pred.labels, pred.scores, pred.masks, class_names, score_thresh)
+
+
+def _write_image(path: Path, rgb: np.ndarray) -> None:
+    import cv2
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)):
+        raise UsageError(f"could not write {path}; check the --output folder is writable and the extension is an "
+                         "image type")
+
+
+def build_predictor(config: str, overrides: Sequence[str], weights: Optional[str], device: str,
+                    precision: str) -> Predictor:
+    """Load ``config`` (with ``key=value`` overrides) and build a :class:`Predictor` on ``device``."""
+    cfg = load_detection_config(config, overrides, tool="infer.py")
+    if weights is not None and not Path(weights).is_file():
+        raise UsageError(f"--weights {weights}: no such file; pass a checkpoint such as runs/x/checkpoints/best.pth")
+    resolve_device(device)
+    return Predictor(cfg, weights=weights, device=device, precision=precision)
+
+
+@dataclass
+class ImagesDone:
+    """Outcome of :func:`run_images`: images processed and the messages of the skipped files."""
+
+    done: int
+    skipped: list[str] = field(default_factory=list)
+
+
+def run_images(
+    predictor: Predictor, files: Sequence[Path], out_dir: Optional[Path], score_thresh: float, records: list[dict],
+    image_ids: Optional[Sequence[Optional[int]]] = None, category_ids: Optional[Sequence[int]] = None,
+) -> ImagesDone:
+    """Predict and draw each image (``out_dir/<name>``); append its records to ``records``.
+
+    ``image_ids[i]`` is the records' image id of ``files[i]`` (None: no records; default: ``i``).
+    An unreadable file is an error when it is the only one, else skipped with a warning.
+    """
+    names = list(predictor.class_names)
+    result = ImagesDone(0)
+    for idx, f in enumerate(files):
+        try:
+            image = read_image(f)
+        except OSError as e:  # corrupt / unreadable (ImageReadError is an OSError)
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else f"cannot read image {f}"
+            if len(files) == 1:
+                raise UsageError(msg + "; check the file is a valid image") from None
+            _warn(f"skipping {msg}")
+            result.skipped.append(msg)
+            continue
+        pred = confident(predictor(image), score_thresh)
+        image_id = idx if image_ids is None else image_ids[idx]
+        if image_id is not None:
+            records.extend(prediction_records(pred, names, f.name, image_id, category_ids))
+        if out_dir is not None:
+            _write_image(out_dir / f.name, _draw(image, pred, names, score_thresh))
+        print(f"{f.name}: {len(pred)} detections")
+        result.done += 1
+    return result
+
+
+def run_video(predictor: Predictor, path: Path, out_dir: Optional[Path], score_thresh: float, records: list[dict],
+              category_ids: Optional[Sequence[int]] = None) -> int:
+    """Predict and draw every frame of a video into ``out_dir/<name>`` (mp4v); the records' image
+    id (and ``frame``) is the frame number. Returns the number of frames."""
+    import cv2
+
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise UsageError(f"--input {path}: OpenCV cannot open this video; re-encode it (e.g. ffmpeg -i in out.mp4)")
+    fps = cap.get(cv2.CAP_PROP_FPS) or 0.0
+    fps = fps if 0 < fps < 1000 else 25.0
+    names = list(predictor.class_names)
+    writer = None
+    n = 0
+    t0 = time.perf_counter()
+    try:
+        while True:
+            ok, bgr = cap.read()
+            if not ok:
+                break
+            rgb = cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+            pred = confident(predictor(rgb), score_thresh)
+            records.extend(prediction_records(pred, names, path.name, n, category_ids, frame=n))
+            if out_dir is not None:
+                if writer is None:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    h, w = rgb.shape[:2]
+                    writer = cv2.VideoWriter(str(out_dir / path.name), cv2.VideoWriter_fourcc(*"mp4v"), fps, (w, h))
+                    if not writer.isOpened():
+                        raise UsageError(f"cannot write video {out_dir / path.name} with the mp4v codec; "
+                                         "try an .mp4 name")
+                writer.write(cv2.cvtColor(_draw(rgb, pred, names, score_thresh), cv2.COLOR_RGB2BGR))
+            n += 1
+    finally:
+        cap.release()
+        if writer is not None:
+            writer.release()
+    if n == 0:
+        raise UsageError(f"--input {path}: no frames could be decoded; check the video file")
+    dt = time.perf_counter() - t0
+    print(f"{path.name}: {n} frames, {n / max(dt, 1e-9):.2f} frames/s")
+    return n
+
+
+@dataclass(frozen=True)
+class InferOptions:
+    """The settings of one run (the command-line flags of ``tools/infer.py``)."""
+
+    config: str
+    input: str
+    weights: Optional[str] = None
+    output: Optional[str] = None
+    score_thresh: float = 0.5
+    save_json: Optional[str] = None
+    coco_json: Optional[str] = None
+    device: str = "cpu"
+    precision: str = "fp32"
+    overrides: Sequence[str] = ()
+
+
+def _check_before_loading(opts: InferOptions, inp: InferInput) -> None:
+    """Fail on an output folder that would overwrite the input, an unreadable single image or
+    a video with ``--coco-json`` before the model is loaded."""
+    if opts.output and Path(opts.output).resolve() in {f.parent.resolve() for f in inp.files}:
+        raise UsageError(f"--output {opts.output} is the input's folder; drawn files would overwrite the originals, "
+                         "choose another folder")
+    if inp.kind == "images" and len(inp.files) == 1:
+        try:
+            read_image(inp.files[0])
+        except OSError as e:
+            raise UsageError(f"{e}; check the file is a valid image") from None
+    if opts.coco_json is not None and inp.kind == "video":
+        raise UsageError("--coco-json maps image file names to image ids; it does not apply to a video --input")
+
+
+def run_inference(opts: InferOptions) -> list[dict]:
+    """Run inference as ``opts`` says: draw into ``opts.output``, write ``opts.save_json``.
+
+    Returns the COCO results records (written to ``opts.save_json`` when set).
+    """
+    inp = list_input(Path(opts.input))
+    _check_before_loading(opts, inp)
+    coco = read_coco_json(Path(opts.coco_json)) if opts.coco_json is not None else None
+    image_ids = None
+    if inp.kind == "images":
+        image_ids = image_ids_for(inp.files, None if coco is None else coco.image_ids, opts.coco_json)
+    predictor = build_predictor(opts.config, opts.overrides, opts.weights, opts.device, opts.precision)
+    cats = resolve_category_ids(predictor.classes, None if coco is None else coco.category_ids)
+    if opts.save_json:
+        print(f"category_id of the records: {cats.source}", file=sys.stderr)
+    if opts.output is None and opts.save_json is None:
+        print("note: neither --output nor --save-json given; only printing detection counts", file=sys.stderr)
+    out_dir = Path(opts.output) if opts.output else None
+    records: list[dict] = []
+    skipped: list[str] = []
+    if inp.kind == "video":
+        run_video(predictor, inp.files[0], out_dir, opts.score_thresh, records, cats.ids)
+    else:
+        done = run_images(predictor, inp.files, out_dir, opts.score_thresh, records, image_ids, cats.ids)
+        if done.done == 0:
+            raise UsageError(f"--input {opts.input}: none of the {len(inp.files)} images could be read")
+        skipped = done.skipped
+    if opts.save_json:
+        path = write_json_atomic(opts.save_json, records)
+        print(f"wrote {len(records)} detections to {path}")
+    if out_dir is not None:
+        print(f"drawn output in {out_dir}")
+    if skipped:
+        _warn(f"skipped {len(skipped)} unreadable image(s)")
+    return records
