@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Iterator
 
@@ -22,15 +23,33 @@ def _restore_detkit_logger() -> Iterator[None]:
     log.propagate, log.level = propagate, level
 
 
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """One intra-op thread (the test machine is shared); restored afterwards.
-
-    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``.
-    """
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
     import torch
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
+    before = torch.get_num_threads()
     torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """One intra-op thread (the test machine is shared: OpenMP threads spin-waiting on busy cores make
+    CPU-heavy tests several times slower); restored after the test.
+
+    Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``, a test by taking it
+    as an argument.
+    """
+    with _torch_threads(1):
+        yield
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """:func:`one_thread` for a whole module, its module-scoped fixtures included (they are set up
+    after it): ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
+    with _torch_threads(1):
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 
 import pytest
 import torch
@@ -13,15 +12,7 @@ from detkit.models.build import build_detector
 from detkit.models.detector import TwoStageDetector, rescale_detections
 from detkit.structures import Detections, Targets
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
-    make these CPU-heavy tests 5-10x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _cfg(arch: str = "mask_rcnn") -> DetectionConfig:
@@ -174,7 +165,8 @@ def test_rescale_detections() -> None:
     assert e.boxes.shape == (0, 4) and e.masks.shape == (0, 20, 30)
 
 
-def test_mask_rcnn_r18_256px_forward_backward_is_fast() -> None:
+def test_mask_rcnn_r18_256px_default_widths_forward_backward() -> None:
+    # the step time of this model: benchmarks/bench_step_time.py
     torch.manual_seed(0)
     cfg = _cfg("mask_rcnn")
     cfg.model.fpn.out_channels = 256
@@ -182,25 +174,26 @@ def test_mask_rcnn_r18_256px_forward_backward_is_fast() -> None:
     cfg.model.roi_heads.mask_head.conv_dim = 256
     model = build_detector(cfg, num_classes=3).train()
     im, t = _scene(6, size=256)
-    start = time.perf_counter()
     losses = model([im], [t])
     sum(losses.values()).backward()
-    elapsed = time.perf_counter() - start
     assert all(torch.isfinite(v) for v in losses.values())
     grads = [p.grad for p in model.roi_heads.mask_head.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
-    assert elapsed < 20.0, f"R18-FPN Mask R-CNN step took {elapsed:.1f}s"
 
 
-def test_build_loads_weights_and_checks_classes(tmp_path, caplog) -> None:
+def test_build_then_load_weights_and_check_classes(tmp_path, caplog) -> None:
+    from detkit.checkpoint import load_initial_weights
+
     torch.manual_seed(0)
     cfg = _cfg("faster_rcnn")
     src = build_detector(cfg, num_classes=2)
     path = tmp_path / "model.pth"
     torch.save(src.state_dict(), path)
     cfg.model.weights = str(path)
+    dst = build_detector(cfg, num_classes=2)  # builds only
+    assert any(not torch.equal(v, dst.state_dict()[k]) for k, v in src.state_dict().items() if v.is_floating_point())
     with caplog.at_level(logging.INFO, logger="detkit"):
-        dst = build_detector(cfg, num_classes=2)
+        load_initial_weights(dst, cfg, training=True)
     assert "model.weights" in caplog.text and "loaded" in caplog.text
     for k, v in src.state_dict().items():
         assert torch.equal(v, dst.state_dict()[k]), k

@@ -21,14 +21,7 @@ STRIDES = [4, 8, 16, 32, 64]
 NAMES = ["p2", "p3", "p4", "p5", "p6"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
-    make these CPU-heavy tests 5-10x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _rpn(channels: int = 8, tv_style: bool = True, **kw) -> RPN:

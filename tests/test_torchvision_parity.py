@@ -8,7 +8,9 @@ transform then leaves them unchanged). Every torchvision detection must have a d
 with label - 1, box IoU >= 0.99, |score diff| <= 1e-3 and (Mask R-CNN) mask IoU >= 0.98, and the
 counts must agree.
 
-Quick by default (short side 320). ``DETKIT_SLOW_TESTS=1`` adds the 800 x 1066 case.
+Cases: two synthetic images of different widths in one batch (short side 320), one real COCO128 image
+at torchvision's test size (short side 800), and two more real COCO128 images, a landscape and a
+portrait one, in one batch at short side 320.
 """
 
 from __future__ import annotations
@@ -31,21 +33,13 @@ from detkit.structures import Detections
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
-SLOW = os.environ.get("DETKIT_SLOW_TESTS", "") == "1"
 BUILDERS = {
     "faster": torchvision.models.detection.fasterrcnn_resnet50_fpn,
     "mask": torchvision.models.detection.maskrcnn_resnet50_fpn,
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP threads spin-waiting on busy cores
-    make these CPU-heavy tests 5-10x slower; restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _synthetic_image(h: int, w: int, seed: int) -> torch.Tensor:
@@ -172,22 +166,35 @@ def test_parity_synthetic_small(models) -> None:
     _check(models, [_synthetic_image(320, 416, seed=1), _synthetic_image(320, 352, seed=2)], "synthetic")
 
 
-def test_parity_coco128_at_test_size(models) -> None:
-    """Real COCO images at torchvision's test size (short side 800, long side <= 1333), the size the
-    tolerances are stated for. One image by default (about 10-20 s per model on one thread);
-    ``DETKIT_SLOW_TESTS=1`` adds a second image and a 800 x 1066 synthetic one."""
+def _coco128_images(indices: list[int], short: int, max_long: int = 1333) -> list[torch.Tensor]:
+    """COCO128 images (by index in name order) resized to short side ``short`` (long side <= ``max_long``);
+    skips the test when the images are not there."""
     if not COCO128.is_dir():
         pytest.skip(f"COCO128 images not found at {COCO128}; real-image parity not checked")
     import cv2
 
+    names = sorted(os.listdir(COCO128))
     images = []
-    for name in sorted(os.listdir(COCO128))[: 2 if SLOW else 1]:
-        bgr = cv2.imread(str(COCO128 / name), cv2.IMREAD_COLOR)
+    for i in indices:
+        bgr = cv2.imread(str(COCO128 / names[i]), cv2.IMREAD_COLOR)
         h, w = bgr.shape[:2]
-        s = min(800 / min(h, w), 1333 / max(h, w))
+        s = min(short / min(h, w), max_long / max(h, w))
         rgb = cv2.cvtColor(cv2.resize(bgr, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR), cv2.COLOR_BGR2RGB)
         images.append(torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
-    for k, im in enumerate(images):  # one at a time: torchvision must not resize (short sides differ)
-        _check(models, [im], f"coco128-800-{k}")
-    if SLOW:
-        _check(models, [_synthetic_image(800, 1066, seed=3)], "synthetic-800")
+    return images
+
+
+def test_parity_coco128_at_test_size(models) -> None:
+    """A real COCO image at torchvision's test size (short side 800, long side <= 1333), the size the
+    tolerances are stated for (about 10-20 s per model on one thread)."""
+    (im,) = _coco128_images([0], 800)
+    _check(models, [im], "coco128-800")
+
+
+def test_parity_coco128_landscape_and_portrait_batch(models) -> None:
+    """Two more real images, a landscape and a portrait one, in one batch at short side 320: padding
+    along both sides and per-image clipping on real content."""
+    images = _coco128_images([2, 4], 320)
+    (h0, w0), (h1, w1) = (im.shape[1:] for im in images)
+    assert h0 < w0 and h1 > w1, "expected a landscape then a portrait image"
+    _check(models, images, "coco128-320")
