@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,16 +20,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from detkit.checkpoint import CheckpointError
 from detkit.config import load_config
+from detkit.errors import UsageError
 from detkit.export import (
     BackendCheck,
     ExportableDetector,
     ExportError,
+    build_export_model,
+    check_export_options,
     export_onnx,
     export_torchscript,
     load_onnx,
     load_torchscript,
     paste_masks,
+    split_overrides,
+    verification_images,
     verify_exports,
 )
 from detkit.models.build import build_detector
@@ -53,13 +60,8 @@ HAS_ORT = importlib.util.find_spec("onnxruntime") is not None and importlib.util
 needs_ort = pytest.mark.skipif(not HAS_ORT, reason="onnx/onnxruntime not installed (pip install detkit[export])")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is faster than two fighting other processes for 2 cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# for the whole module, the module-scoped export fixtures included (conftest.py)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def scene(h: int, w: int, seed: int) -> torch.Tensor:
@@ -148,16 +150,12 @@ COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / 
 def test_exports_match_pytorch_on_real_coco_images(exported: dict) -> None:
     if not COCO128.is_dir():
         pytest.skip(f"real COCO images not found at {COCO128}")
-    import numpy as np
-
-    from detkit.data.images import read_image
-    from detkit.predictor import resize_shortest_edge
-
     files = sorted(COCO128.glob("*.jpg"))[:2]
-    images = [
-        torch.from_numpy(np.ascontiguousarray(resize_shortest_edge(read_image(f), 128, 192))).permute(2, 0, 1).float()
-        for f in files
-    ]
+    cfg = load_config(CONFIG, OVERRIDES)  # input.min_size_test=128, max_size_test=192
+    named = verification_images(cfg, exported["model"], files)  # resized like the Predictor, + a blank image
+    assert [im.name for im in named[:2]] == [str(f) for f in files] and named[2].name.startswith("blank")
+    assert all(min(im.image.shape[1:]) == 128 and max(im.image.shape[1:]) <= 192 for im in named[:2])
+    images = [im.image for im in named[:2]]
     report = verify_exports(exported["model"], images, torchscript=exported["ts"], onnx=exported["onnx"])
     assert report.ok, report.summary()
     assert all(c.num_ref > 0 for c in report.checks)
@@ -221,7 +219,10 @@ def test_verification_reports_mismatches_and_crashes() -> None:
         (check,) = report.checks
         assert isinstance(check, BackendCheck) and needle in "; ".join(check.problems), check.problems
         assert "second line" not in report.summary()
-    assert verify_exports(model, [image], torchscript=lambda x: (b.clone(), s.clone(), lab.clone())).ok
+        assert report.failure_line().startswith("verification failed: torchscript image 0 128x160: ")
+        assert needle in report.failure_line() and report.images_without_detections() == []
+    report = verify_exports(model, [image], torchscript=lambda x: (b.clone(), s.clone(), lab.clone()))
+    assert report.ok and report.failure_line() == ""
     # two detections swapped (as NMS may order near-equal scores on another backend): paired anyway
     perm = torch.arange(len(b))
     perm[[0, 1]] = perm[[1, 0]]
@@ -265,28 +266,30 @@ def test_tool_help() -> None:
 
 def test_tool_one_line_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     r = run_tool("--config", str(CONFIG), "--weights", str(tmp_path / "nope.pth"), "--output", str(tmp_path), cwd=tmp_path)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "--weights" in r.stderr, r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--weights" in r.stderr, r.stderr
     w = tmp_path / "w.pth"
     w.write_bytes(b"")
     r = run_tool("--config", str(CONFIG), "--weights", str(w), "--output", str(tmp_path), "--opset", "11", cwd=tmp_path)
-    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1 and "opset" in r.stderr, r.stderr
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "opset" in r.stderr, r.stderr
 
-    # in-process: weights that do not fit the config, and onnxruntime missing
-    spec = importlib.util.spec_from_file_location("export_tool", TOOL)
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    args = tool.parse_args(["--config", "c", "--weights", "w", "--output", "o", "--verify-images", "a.jpg", "k.x=1"])
-    assert args.verify_images == ["a.jpg"] and args.overrides == ["k.x=1"]  # overrides after the images
+    # in-process, the tool's steps in detkit.export: overrides after --verify-images, bad options,
+    # weights that do not fit the config, and onnxruntime missing
+    assert split_overrides(["a.jpg", "k.x=1"]) == (["a.jpg"], ["k.x=1"])
+    with pytest.raises(UsageError, match=r"--opset 11: RoIAlign needs opset >= 16"):
+        check_export_options(w, ("onnx",), opset=11)
+    with pytest.raises(UsageError, match=r"--sample-size 16 64: use at least 32 x 32"):
+        check_export_options(w, ("torchscript",), sample_size=(16, 64))
     torch.save(tiny_model("faster_rcnn").state_dict(), w)
     cfg = load_config(CONFIG, ["model.meta_architecture=mask_rcnn", *OVERRIDES])
-    with pytest.raises(tool.ToolError, match=r"does not fit the model of --config .* missing") as err:
-        tool.build_model(cfg, str(w), "cpu")
-    assert "\n" not in str(err.value)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(w))}.* does not fit .*missing.*roi_heads\.mask_head") as err:
+        build_export_model(cfg, NUM_CLASSES, w, "cpu")
+    assert "\n" not in str(err.value) and "--weights" in str(err.value)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime" else real(name, *a))
-    args = tool.parse_args(["--config", str(CONFIG), "--weights", str(w), "--output", str(tmp_path), "--verify"])
-    with pytest.raises(tool.ToolError, match=r"onnxruntime not installed.*pip install detkit\[export\]"):
-        tool.check_args(args)
+    with pytest.raises(ExportError, match=r"onnxruntime not installed.*pip install detkit\[export\]"):
+        check_export_options(w, ("torchscript", "onnx"), verify=True)  # --format both --verify
+    if HAS_ORT:
+        check_export_options(w, ("torchscript", "onnx"), verify=False)  # exporting ONNX needs no onnxruntime
 
 
 @needs_ort
@@ -297,14 +300,16 @@ def test_tool_end_to_end(tmp_path: Path) -> None:
     out = tmp_path / "exported"
     r = run_tool(
         "--config", str(CONFIG), "--weights", str(weights), "--format", "both", "--output", str(out), "--verify",
-        "model.meta_architecture=faster_rcnn", *OVERRIDES, cwd=tmp_path,
+        "model.meta_architecture=faster_rcnn", *OVERRIDES,
+        # the shapes set names 4 classes; the tiny model has 3 (resolve_classes makes them agree)
+        "data.class_names=[box, disc, bar]", cwd=tmp_path,
     )
     assert r.returncode == 0, r.stderr + r.stdout
     assert "verification passed" in r.stdout
     assert {p.name for p in out.iterdir()} == {"model.ts", "model.onnx", "config.yaml", "export.json"}
     manifest = json.loads((out / "export.json").read_text())
     ver = manifest["verification"]
-    assert ver["ok"] and manifest["architecture"] == "faster_rcnn" and len(manifest["class_names"]) == NUM_CLASSES
+    assert ver["ok"] and manifest["architecture"] == "faster_rcnn" and manifest["class_names"] == ["box", "disc", "bar"]
     assert set(manifest["outputs"]) == {"boxes", "scores", "labels"} and manifest["files"]["onnx"] == "model.onnx"
     counts = [c["num_ref"] for c in ver["checks"] if c["backend"] == "onnxruntime"]
     assert len(counts) == 3 and counts[0] > 0 and counts[-1] == 0, counts  # scenes + the blank image

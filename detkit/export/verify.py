@@ -1,257 +1,55 @@
-"""Export Faster / Mask R-CNN to TorchScript and ONNX, and check the exports against PyTorch.
+"""Verification: an exported artifact run against the PyTorch model, and the images to run it on.
 
-The exported graph is the detector's own inference code (:meth:`TwoStageDetector.predict`)
-recorded with ``torch.jit.trace``; the model code keeps every size-dependent step in the
-graph while tracing (``torch.jit.is_tracing()`` branches: traced image sizes, top-k with
-``k = min(k, n)`` as a graph value, per-level RoIAlign without empty-level shortcuts, per-image
-selection without host-side splits), so one export runs on any image size and on images with
-zero detections.
+:func:`verify_exports` runs PyTorch (eager), a TorchScript module and onnxruntime on the same
+images and compares their detections: shapes and dtypes, counts, boxes, scores and (Mask R-CNN)
+pasted-mask IoU, pairing detections by label, score and box so that near-equal scores that NMS
+orders differently still pair up. The result is a :class:`VerificationReport` of one
+:class:`BackendCheck` per backend and image.
 
-Exported signature (both formats), one image per call::
-
-    image  float32 [3, H, W]  RGB, 0..255, any H and W (resize like the Predictor first:
-                              short side ``input.min_size_test``, long side <= ``input.max_size_test``)
-    ->  boxes  float32 [N, 4]  xyxy in the input image's pixels
-        scores float32 [N]     decreasing
-        labels int64   [N]     contiguous class indices in [0, K)
-        masks  float32 [N, 1, M, M]  (Mask R-CNN only) mask probabilities of the predicted class,
-                                     not pasted: use :func:`paste_masks` (or
-                                     ``paste_masks_in_image``) with the boxes and ``mask_threshold``.
-
-Masks are returned before pasting because pasting loops over data-dependent box sizes on the
-host, which a traced graph cannot express; the M x M probabilities are also 10-100x smaller
-than full-image masks.
-
-Example::
-
-    model = build_detector(cfg, num_classes).eval()
-    export_torchscript(model, "out/model.ts", sample)          # sample: float [3, H, W]
-    export_onnx(model, "out/model.onnx", sample, opset=17)
-    report = verify_exports(model, [img_a, img_b, blank], torchscript="out/model.ts", onnx="out/model.onnx")
-    print(report.summary()); assert report.ok
+:func:`verification_images` makes the images ``tools/export.py --verify`` uses: the user's files
+resized like the :class:`~detkit.predictor.Predictor` does (or two generated scenes), plus a blank
+image of the model's mean color, which a trained model should find nothing in.
 """
 
 from __future__ import annotations
 
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torchvision  # noqa: F401  (registers the ONNX symbolics of torchvision::nms / roi_align)
 from torch import Tensor, nn
 
-from .models.detector import TwoStageDetector
-from .models.roi_heads.mask_head import paste_masks_in_image
+from ..config.schema import DetectionConfig
+from ..data.images import read_image
+from ..data.transforms import build_detection_transform
+from .export import (
+    BOX_OUTPUTS,
+    INPUT_NAME,
+    MASK_OUTPUT,
+    ExportError,
+    _check_sample,
+    _wrap,
+    load_onnx,
+    load_torchscript,
+    paste_masks,
+    synthetic_scene,
+)
 
 __all__ = [
-    "ExportError",
-    "ExportableDetector",
-    "export_torchscript",
-    "export_onnx",
-    "load_torchscript",
-    "load_onnx",
-    "paste_masks",
     "BackendCheck",
+    "VerificationImage",
     "VerificationReport",
+    "blank_image",
+    "verification_images",
     "verify_exports",
-    "DEFAULT_OPSET",
 ]
 
 PathLike = Union[str, os.PathLike]
 
-#: RoIAlign with ``aligned=True`` (Detectron2's ROIAlignV2) needs ONNX opset >= 16.
-DEFAULT_OPSET = 17
-MIN_OPSET = 16
 
-INPUT_NAME = "image"
-BOX_OUTPUTS = ("boxes", "scores", "labels")
-MASK_OUTPUT = "masks"
-
-
-class ExportError(RuntimeError):
-    """An export or verification step failed; the message is one line saying what to do."""
-
-
-def _unwrap(model: nn.Module) -> TwoStageDetector:
-    if isinstance(model, ExportableDetector):
-        return model.model
-    if not isinstance(model, TwoStageDetector):
-        raise ExportError(
-            f"export: expected a TwoStageDetector (detkit.models.build.build_detector) or ExportableDetector, "
-            f"got {type(model).__name__}"
-        )
-    fused = sorted({type(m).__name__ for m in model.modules() if type(m).__module__ == "detkit.speed"})
-    if fused:
-        raise ExportError(
-            f"export: the model holds speed-optimized modules ({', '.join(fused)}) whose fused oneDNN kernels cannot "
-            "be exported; export the plain model (build_detector + load_weights, or Predictor(..., optimize=False))"
-        )
-    return model
-
-
-class ExportableDetector(nn.Module):
-    """One image in, plain tensors out: the traceable face of a :class:`TwoStageDetector`.
-
-    ``forward`` calls ``model.predict([image], paste_masks=False)`` (the detector's own inference
-    path: eval mode, no gradients) and returns ``(boxes, scores, labels)``, plus ``masks`` float
-    ``[N, 1, M, M]`` probabilities for Mask R-CNN. See the module docstring for the shapes.
-
-    Args:
-        model: the detector; it is put in eval mode.
-    """
-
-    def __init__(self, model: TwoStageDetector) -> None:
-        super().__init__()
-        self.model = _unwrap(model).eval()
-
-    @property
-    def has_mask(self) -> bool:
-        """True for Mask R-CNN (a fourth output, ``masks``)."""
-        return bool(getattr(self.model.roi_heads, "has_mask", False))
-
-    @property
-    def output_names(self) -> list[str]:
-        """Names of the outputs, in order (also the ONNX output names)."""
-        return [*BOX_OUTPUTS, MASK_OUTPUT] if self.has_mask else list(BOX_OUTPUTS)
-
-    def forward(self, image: Tensor) -> tuple[Tensor, ...]:
-        """float32 [3, H, W] RGB 0..255 -> (boxes [N, 4], scores [N], labels [N] [, masks [N, 1, M, M]])."""
-        det = self.model.predict([image], paste_masks=False)[0]
-        out = (det.boxes, det.scores, det.labels)
-        if self.has_mask:
-            out = out + (det.masks,)
-        return out
-
-
-def _check_sample(sample: Tensor, where: str) -> Tensor:
-    if not isinstance(sample, Tensor) or sample.dim() != 3 or sample.shape[0] != 3 or min(sample.shape[1:]) <= 0:
-        shape = tuple(sample.shape) if isinstance(sample, Tensor) else type(sample).__name__
-        raise ExportError(f"{where}: sample must be a float [3, H, W] RGB 0..255 tensor, got {shape}")
-    return sample.float()
-
-
-def _wrap(model: nn.Module) -> ExportableDetector:
-    return model if isinstance(model, ExportableDetector) else ExportableDetector(model)
-
-
-def _trace(wrapper: ExportableDetector, sample: Tensor) -> torch.jit.ScriptModule:
-    with warnings.catch_warnings():
-        # TracerWarnings flag the Python-side checks that run once at trace time (input validation);
-        # the size-dependent computations are traced as graph values (see the module docstring).
-        warnings.simplefilter("ignore")
-        with torch.no_grad():
-            return torch.jit.trace(wrapper, (sample,), check_trace=False)
-
-
-def _prepare_path(path: PathLike) -> Path:
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ExportError(f"cannot create the folder of {path}: {e.strerror or e}; choose a writable --output") from None
-    return path
-
-
-def export_torchscript(model: nn.Module, path: PathLike, sample: Tensor) -> Path:
-    """Trace the detector on ``sample`` and save it as TorchScript (``torch.jit.load`` reads it).
-
-    Args:
-        model: a :class:`TwoStageDetector` or :class:`ExportableDetector`.
-        path: output file (e.g. ``model.ts``); its folder is created.
-        sample: float [3, H, W] RGB 0..255 image to trace with (any content; detections or not).
-
-    Returns:
-        the written path. The module runs on the device the model was on when traced.
-    """
-    wrapper = _wrap(model).eval()
-    sample = _check_sample(sample, "export_torchscript").to(wrapper.model.device)
-    path = _prepare_path(path)
-    traced = _trace(wrapper, sample)
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        torch.jit.save(traced, str(tmp))
-    os.replace(tmp, path)
-    return path
-
-
-def export_onnx(model: nn.Module, path: PathLike, sample: Tensor, opset: int = DEFAULT_OPSET) -> Path:
-    """Export the detector to ONNX with dynamic image height and width.
-
-    Uses the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``) on the same
-    traced code as :func:`export_torchscript`; NMS and RoIAlign become the ONNX
-    ``NonMaxSuppression`` and ``RoiAlign`` operators (torchvision's registered symbolics).
-
-    Args:
-        model: a :class:`TwoStageDetector` or :class:`ExportableDetector`.
-        path: output file (e.g. ``model.onnx``); its folder is created.
-        sample: float [3, H, W] RGB 0..255 image to trace with.
-        opset: ONNX opset, >= 16 (RoIAlign ``coordinate_transformation_mode``).
-
-    Returns:
-        the written path. Input ``image`` [3, height, width]; outputs ``boxes``, ``scores``,
-        ``labels`` (and ``masks``) with a dynamic first dimension ``num_detections``.
-    """
-    if int(opset) < MIN_OPSET:
-        raise ExportError(f"export_onnx: opset {opset} is too old; RoIAlign needs opset >= {MIN_OPSET} (default {DEFAULT_OPSET})")
-    wrapper = _wrap(model).eval()
-    sample = _check_sample(sample, "export_onnx").to(wrapper.model.device)
-    path = _prepare_path(path)
-    names = wrapper.output_names
-    dynamic_axes: dict[str, dict[int, str]] = {INPUT_NAME: {1: "height", 2: "width"}}
-    dynamic_axes.update({n: {0: "num_detections"} for n in names})
-    tmp = path.with_name(path.name + ".tmp")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TracerWarnings and the exporter's deprecation notice
-        with torch.no_grad():
-            torch.onnx.export(
-                wrapper,
-                (sample,),
-                str(tmp),
-                dynamo=False,
-                input_names=[INPUT_NAME],
-                output_names=names,
-                dynamic_axes=dynamic_axes,
-                opset_version=int(opset),
-                do_constant_folding=True,
-            )
-    os.replace(tmp, path)
-    return path
-
-
-def load_torchscript(path: PathLike, device: Union[str, torch.device] = "cpu") -> torch.jit.ScriptModule:
-    """Load an exported TorchScript detector (``module(image) -> (boxes, scores, labels[, masks])``)."""
-    if not Path(path).is_file():
-        raise ExportError(f"{path}: no such TorchScript file; export it first (tools/export.py --format torchscript)")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation notice
-        return torch.jit.load(str(path), map_location=device).eval()
-
-
-def load_onnx(path: PathLike) -> Any:
-    """An onnxruntime ``InferenceSession`` (CPUExecutionProvider) for an exported ONNX detector."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ExportError("onnxruntime is not installed; run `pip install detkit[export]`") from None
-    if not Path(path).is_file():
-        raise ExportError(f"{path}: no such ONNX file; export it first (tools/export.py --format onnx)")
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
-
-
-def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5) -> Tensor:
-    """Exported ``[N, 1, M, M]`` mask probabilities -> bool ``[N, H, W]`` image masks (as ``predict`` pastes)."""
-    return paste_masks_in_image(torch.as_tensor(masks).float(), torch.as_tensor(boxes).float(), image_size, threshold)
-
-
-# --------------------------------------------------------------------------- verification
 @dataclass
 class BackendCheck:
     """One backend on one image, compared with PyTorch eager.
@@ -307,6 +105,18 @@ class VerificationReport:
             for c in self.checks
             if not c.ok
         ]
+
+    def failure_line(self) -> str:
+        """The first failure on one line (``""`` when the verification passed)."""
+        failures = self.failures()
+        if not failures:
+            return ""
+        more = f" (+{len(failures) - 1} more, see the table)" if len(failures) > 1 else ""
+        return f"verification failed: {failures[0]}{more}"
+
+    def images_without_detections(self) -> list[int]:
+        """Indices of the images PyTorch found nothing in (the zero-detection case was exercised)."""
+        return sorted({c.image_index for c in self.checks if c.num_ref == 0})
 
     def worst(self, backend: str) -> dict[str, float]:
         """Largest box/score differences and lowest mask IoU of one backend over all images."""
@@ -506,3 +316,44 @@ def verify_exports(
 def _one_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"crashed: {type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
+
+
+# --------------------------------------------------------------------------- verification images
+@dataclass
+class VerificationImage:
+    """One image to verify on: ``image`` float32 [3, H, W] RGB 0..255; ``name`` says where it came from."""
+
+    name: str
+    image: Tensor
+
+
+def blank_image(model: nn.Module, height: int, width: int) -> Tensor:
+    """float32 [3, H, W] of the model's mean color: it normalizes to zeros, so a trained model should see nothing."""
+    detector = _wrap(model).model
+    mean = detector.pixel_mean.detach().float().cpu().view(3, 1, 1)
+    if getattr(detector, "input_format", "RGB") == "BGR":
+        mean = mean.flip(0)  # pixel_mean is in the backbone's channel order; images are RGB
+    return mean.expand(3, height, width).clone()
+
+
+def verification_images(cfg: DetectionConfig, model: nn.Module,
+                        paths: Optional[Sequence[PathLike]] = None) -> list[VerificationImage]:
+    """Images for ``--verify``, sized like the Predictor's inputs (``cfg.input.*_size_test``).
+
+    ``paths`` (read with :func:`detkit.data.images.read_image`, resized by the Predictor's test-time
+    transform, :func:`detkit.data.transforms.build_detection_transform`), else two
+    generated scenes of other sizes than :func:`detkit.export.trace_size`'s; always followed by a
+    :func:`blank_image` (the zero-detection case).
+    """
+    s, smax = cfg.input.min_size_test, cfg.input.max_size_test
+    images = []
+    transform = build_detection_transform(cfg.input, is_train=False)  # the Predictor's resize
+    for path in paths or []:
+        rgb = transform(read_image(path)).image
+        images.append(VerificationImage(str(path), torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).float()))
+    if not paths:
+        for i, (h, w) in enumerate([(s, min(s * 5 // 4, smax)), (min(s * 3 // 2, smax), s)]):
+            images.append(VerificationImage(f"generated scene {h}x{w}", synthetic_scene(h, w, seed=100 + i)))
+    h, w = s - s // 16, min(s + s // 8, smax)
+    images.append(VerificationImage(f"blank {h}x{w} (mean color)", blank_image(model, h, w)))
+    return images
