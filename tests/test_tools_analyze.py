@@ -1,8 +1,10 @@
-"""tools/analyze.py: model (params, FLOPs), dataset (statistics, plot), log (curves), run as subprocesses."""
+"""detkit.analysis (model: params/FLOPs, dataset: statistics/plot, log: curves) and the
+tools/analyze.py command line over it (help, outputs, one-line errors)."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -11,6 +13,10 @@ from pathlib import Path
 
 import cv2
 import pytest
+
+from detkit.config import ConfigError, DetectionConfig, load_config
+from detkit.data.synthetic import SHAPE_CLASSES
+from detkit.errors import UsageError
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "analyze.py"
@@ -40,9 +46,10 @@ def run_tool(*args: str, cwd: Path, env: dict | None = None) -> subprocess.Compl
 
 
 def assert_one_line_error(r: subprocess.CompletedProcess, *needles: str) -> None:
-    assert r.returncode != 0, r.stdout
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("analyze.py: error: "), lines[0]
     for n in needles:
         assert n in lines[0], lines[0]
 
@@ -54,58 +61,130 @@ def tiny_config(tmp_path: Path) -> Path:
     return p
 
 
-def test_help_shows_examples(tmp_path: Path) -> None:
-    for args in (["--help"], ["model", "--help"], ["dataset", "--help"], ["log", "--help"]):
-        r = run_tool(*args, cwd=tmp_path)
-        assert r.returncode == 0, r.stderr
-        assert "examples:" in r.stdout and "python tools/analyze.py model --config" in r.stdout
+def tiny_cfg(path: Path, *overrides: str) -> DetectionConfig:
+    cfg = load_config(path, list(overrides))
+    assert isinstance(cfg, DetectionConfig)
+    return cfg
 
 
-def test_model_params_and_flops(tiny_config: Path, tmp_path: Path) -> None:
+# --------------------------------------------------------------------------- model
+def test_count_model_params_and_flops(tiny_config: Path) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from detkit.config import load_config
+    from detkit.analysis.model import count_model, format_model_report
+    from detkit.models.build import build_detector
+
+    model = build_detector(tiny_cfg(tiny_config), 4)
+    count = count_model(model, (96, 96))
+    assert count.params == sum(p.numel() for p in model.parameters()) == count.trainable
+    assert count.flops > 0
+    # the top-level rows (with what ran outside them) add up to the total
+    assert sum(m.flops for m in count.modules if m.depth == 1) == count.flops
+    # the backbone.bottom_up row equals an independent count of the ResNet alone on the padded
+    # 96x96 input (convolution FLOPs do not depend on the pixel values)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model.backbone.bottom_up(torch.zeros(1, 3, 96, 96))
+    row = next(m for m in count.modules if m.name == "backbone.bottom_up")
+    assert row.depth == 2
+    assert row.params == sum(p.numel() for p in model.backbone.bottom_up.parameters())
+    assert row.flops == counter.get_total_flops() < count.flops
+    report = format_model_report(count, "title")
+    assert f"parameters: {count.params:,}" in report and f"({count.flops:,})" in report
+    assert re.search(r"^\s+backbone\.bottom_up\s+[\d,]+\s+[\d.]+\s", report, re.M), report
+
+
+def test_model_classes_explicit_flag(tiny_config: Path) -> None:
+    from detkit.analysis.model import model_classes
+
+    info = model_classes(tiny_cfg(tiny_config), 4)
+    assert info.num_classes == 4 and info.source == "--num-classes"
+    # the flag wins over the config's own classes and model.num_classes
+    info = model_classes(tiny_cfg(tiny_config, "model.num_classes=7", "data.class_names=[a,b]"), 3)
+    assert info.num_classes == 3 and info.source == "--num-classes"
+    with pytest.raises(ConfigError, match="--num-classes"):
+        model_classes(tiny_cfg(tiny_config), 0)
+
+
+def test_model_classes_from_config(tiny_config: Path) -> None:
+    from detkit.analysis.model import model_classes
+
+    info = model_classes(tiny_cfg(tiny_config))  # the generated shapes set
+    assert info.names == [n for _, n in sorted(SHAPE_CLASSES)] and "data.synthetic" in info.source
+    info = model_classes(tiny_cfg(tiny_config, "data.synthetic=null", "data.class_names=[cat,dog,bird]"))
+    assert info.names == ["cat", "dog", "bird"] and info.source == "data.class_names"
+    info = model_classes(tiny_cfg(tiny_config, "data.synthetic=null", "model.num_classes=5"))
+    assert info.num_classes == 5 and info.source == "model.num_classes"
+
+
+def test_model_classes_unknown_is_an_error(tiny_config: Path) -> None:
+    from detkit.analysis.model import model_classes
+
+    # no silent default (the old tool assumed 80): the error says what to set
+    with pytest.raises(ConfigError, match="model.num_classes"):
+        model_classes(tiny_cfg(tiny_config, "data.synthetic=null"))
+
+
+def test_analyze_model_builds_with_the_resolved_classes(tiny_config: Path) -> None:
+    from detkit.analysis.model import analyze_model
+
+    r = analyze_model(tiny_cfg(tiny_config, "data.synthetic=null", "data.class_names=[cat,dog]"), size=64)
+    assert r.classes.names == ["cat", "dog"] and (r.height, r.width) == (64, 64)
+    assert r.report.splitlines()[0].endswith("2 classes from data.class_names, input 64x64")
+    # --num-classes overrides a disagreeing model.num_classes; the box predictor has K+1 scores
+    r2 = analyze_model(tiny_cfg(tiny_config, "model.num_classes=5"), num_classes=3, size=64, width=96)
+    assert "3 classes from --num-classes, input 64x96" in r2.report
+    box_params = {m.name: m.params for m in r.count.modules}
+    box_params2 = {m.name: m.params for m in r2.count.modules}
+    assert box_params2["roi_heads.box_predictor"] - box_params["roi_heads.box_predictor"] == 5 * 65  # per class: 1 score + 4 deltas, each 64 weights + bias
+    with pytest.raises(UsageError, match="at least 32"):
+        analyze_model(tiny_cfg(tiny_config), size=16)
+
+
+def test_model_cli_report_and_output(tiny_config: Path, tmp_path: Path) -> None:
     from detkit.models.build import build_detector
 
     out = tmp_path / "model.txt"
     r = run_tool("model", "--config", str(tiny_config), "--num-classes", "4", "--output", str(out), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+    assert "4 classes from --num-classes, input 96x96" in r.stdout
     params = int(re.search(r"parameters: ([\d,]+)", r.stdout).group(1).replace(",", ""))
-    flops = int(re.search(r"FLOPs per image: [\d.]+ GFLOPs \(([\d,]+)\)", r.stdout).group(1).replace(",", ""))
-
-    model = build_detector(load_config(tiny_config), 4)
-    assert params == sum(p.numel() for p in model.parameters())
-    assert flops > 0
-    # the breakdown's backbone.bottom_up row equals an independent count of the ResNet alone on the
-    # padded 96x96 input (convolution FLOPs do not depend on the pixel values)
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.backbone.bottom_up(torch.zeros(1, 3, 96, 96))
-    row = re.search(r"^\s+backbone\.bottom_up\s+([\d,]+)\s+([\d.]+)\s", r.stdout, re.M)
-    assert row is not None, r.stdout
-    assert int(row.group(1).replace(",", "")) == sum(p.numel() for p in model.backbone.bottom_up.parameters())
-    assert abs(float(row.group(2)) - counter.get_total_flops() / 1e9) <= 0.0006
-    assert counter.get_total_flops() < flops
+    assert params == sum(p.numel() for p in build_detector(tiny_cfg(tiny_config), 4).parameters())
+    assert int(re.search(r"FLOPs per image: [\d.]+ GFLOPs \(([\d,]+)\)", r.stdout).group(1).replace(",", "")) > 0
     assert out.read_text(encoding="utf-8").strip() == r.stdout.split("saved to")[0].strip()
 
 
+def test_model_cli_unknown_classes_gives_one_line(tiny_config: Path, tmp_path: Path) -> None:
+    r = run_tool("model", "--config", str(tiny_config), "data.synthetic=null", cwd=tmp_path)
+    assert_one_line_error(r, "number of classes is unknown", "model.num_classes")
+
+
+# --------------------------------------------------------------------------- dataset
 def test_dataset_counts_and_plot(tiny_config: Path, tmp_path: Path) -> None:
+    from detkit.analysis.dataset import analyze_dataset
+
     out = tmp_path / "stats"
-    r = run_tool("dataset", "--config", str(tiny_config), "--output", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    r = analyze_dataset(tiny_cfg(tiny_config), "train", out)
     ann = json.loads((tmp_path / "shapes" / "train.json").read_text(encoding="utf-8"))
     names = {c["id"]: c["name"] for c in ann["categories"]}
     expected = Counter(names[a["category_id"]] for a in ann["annotations"] if not a.get("iscrowd", 0))
-    table = r.stdout.split("instances per class")[1].split("\n\n")[0]
+    assert r.stats.instances_per_class == {n: expected.get(n, 0) for n in names.values()}
+    assert r.stats.num_images == len(ann["images"])
+    assert r.stats.sqrt_areas.shape == (sum(expected.values()),)
+    assert sum(r.stats.image_sizes.values()) == len(ann["images"])
+    # the printed table says the same
+    table = r.report.split("instances per class")[1].split("\n\n")[0]
     got = {m.group(1): int(m.group(2)) for m in re.finditer(r"^(\w+)\s+(\d+)\s+[\d.]+$", table, re.M)}
-    assert got == {n: expected.get(n, 0) for n in names.values()}
-    assert f"images: {len(ann['images'])}" in r.stdout
-    png = cv2.imread(str(out / "dataset_stats.png"))
+    assert got == r.stats.instances_per_class
+    assert f"images: {len(ann['images'])}" in r.report
+    assert (r.text_path, r.plot_path) == (out / "dataset_stats.txt", out / "dataset_stats.png")
+    png = cv2.imread(str(r.plot_path))
     assert png is not None and png.shape[0] > 200 and png.std() > 5
-    assert "instances per class" in (out / "dataset_stats.txt").read_text(encoding="utf-8")
+    assert r.text_path.read_text(encoding="utf-8") == r.report + "\n"
 
 
+# --------------------------------------------------------------------------- log
 METRICS = [
     {"iter": 20, "lr": 0.01, "loss_cls": 1.2, "loss_box_reg": 0.6, "loss_rpn_cls": 0.7, "loss_rpn_loc": 0.2},
     {"iter": 40, "lr": 0.02, "loss_cls": 0.9, "loss_box_reg": 0.5, "loss_rpn_cls": 0.4, "loss_rpn_loc": 0.15},
@@ -114,31 +193,71 @@ METRICS = [
 ]
 
 
+def test_extract_curves() -> None:
+    from detkit.analysis.log import extract_curves
+
+    c = extract_curves(METRICS + [{"lr": 0.1, "loss_cls": 9.0}], {"bbox/AP": 7.25, "segm/AP": 5.0, "bbox/AP50": "x"})
+    # total_loss is the sum of the loss_* keys when the log has none; lines without iter are skipped
+    assert c.losses["total_loss"].iters == [20, 40, 60]
+    assert c.losses["total_loss"].values == pytest.approx([2.7, 1.95, 1.5])
+    assert set(c.losses) == {"total_loss", "loss_cls", "loss_box_reg", "loss_rpn_cls", "loss_rpn_loc"}
+    # metrics.json's final values land at the last logged iteration; non-numbers are ignored
+    assert (c.aps["bbox/AP"].iters, c.aps["bbox/AP"].values) == ([40, 60], [4.5, 7.25])
+    assert (c.aps["bbox/AP50"].iters, c.aps["bbox/AP50"].values) == ([40], [10.0])
+    # a final value at an iteration already logged is not added twice
+    c = extract_curves(METRICS, {"iter": 40, "bbox/AP": 9.0})
+    assert c.aps["bbox/AP"].values == [4.5]
+
+
 def test_log_plots_losses_and_ap(tmp_path: Path) -> None:
+    from detkit.analysis.log import analyze_log
+
     run = tmp_path / "run"
     run.mkdir()
     (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in METRICS) + "\n", encoding="utf-8")
     (run / "metrics.json").write_text(json.dumps({"bbox/AP": 7.25, "segm/AP": 5.0}), encoding="utf-8")
-    r = run_tool("log", "--metrics", str(run / "metrics.jsonl"), "--output", str(tmp_path / "plots"), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
-    for name in ("loss_curves.png", "ap_curves.png"):
-        img = cv2.imread(str(tmp_path / "plots" / name))
-        assert img is not None and img.std() > 5, name
-    # total_loss is the sum of the loss_* keys when the log has none: 0.7+0.4+0.3+0.1 at the end
-    row = re.search(r"^total_loss\s+(\d+)\s+([\d.]+)\s+([\d.]+)", r.stdout, re.M)
+    r = analyze_log(run / "metrics.jsonl", tmp_path / "plots")
+    assert r.written == [tmp_path / "plots" / "loss_curves.png", tmp_path / "plots" / "ap_curves.png"]
+    for p in r.written:
+        img = cv2.imread(str(p))
+        assert img is not None and img.std() > 5, p
+    assert r.skipped_lines == 0 and r.ignored_final is None
+    # total_loss at the end: 0.7+0.4+0.3+0.1
+    row = re.search(r"^total_loss\s+(\d+)\s+([\d.]+)\s+([\d.]+)", r.table, re.M)
     assert row and int(row.group(1)) == 3 and float(row.group(3)) == pytest.approx(1.5)
     # bbox/AP: the logged eval at iter 40 plus metrics.json's final value at the last iteration
-    row = re.search(r"^bbox/AP\s+(\d+)\s+([\d.]+)\s+([\d.]+)", r.stdout, re.M)
+    row = re.search(r"^bbox/AP\s+(\d+)\s+([\d.]+)\s+([\d.]+)", r.table, re.M)
     assert row and int(row.group(1)) == 2 and float(row.group(3)) == pytest.approx(7.25)
 
 
-def test_log_without_ap_writes_only_losses(tmp_path: Path) -> None:
+def test_log_bad_final_metrics_is_ignored(tmp_path: Path) -> None:
+    from detkit.analysis.log import analyze_log
+
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in METRICS) + "\n", encoding="utf-8")
+    (tmp_path / "metrics.json").write_text("{broken", encoding="utf-8")
+    r = analyze_log(tmp_path / "metrics.jsonl")
+    assert r.ignored_final == tmp_path / "metrics.json"
+    assert r.curves.aps["bbox/AP"].values == [4.5]
+
+
+def test_log_cli_without_ap_writes_only_losses(tmp_path: Path) -> None:
     lines = [m for m in METRICS if "bbox/AP" not in m]
     (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines) + "\nnot json\n", encoding="utf-8")
     r = run_tool("log", "--metrics", str(tmp_path / "metrics.jsonl"), cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "loss_curves.png").is_file() and not (tmp_path / "ap_curves.png").exists()
     assert "skipped 1 unparsable line" in r.stderr
+    assert "AP plot not written" in r.stdout and f"wrote {tmp_path / 'loss_curves.png'}" in r.stdout
+
+
+# --------------------------------------------------------------------------- command line
+def test_help_shows_examples(tmp_path: Path) -> None:
+    for args in (["--help"], ["model", "--help"], ["dataset", "--help"], ["log", "--help"]):
+        r = run_tool(*args, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert "examples:" in r.stdout and "python tools/analyze.py model --config" in r.stdout
+        if args[0] == "model":  # no silent class-count default
+            assert "an error when it names none" in " ".join(r.stdout.split())
 
 
 def test_bad_inputs_give_one_line(tiny_config: Path, tmp_path: Path) -> None:
@@ -155,8 +274,6 @@ def test_bad_inputs_give_one_line(tiny_config: Path, tmp_path: Path) -> None:
 
 
 def test_missing_matplotlib_says_how_to_install(tmp_path: Path) -> None:
-    import os
-
     blocker = tmp_path / "block" / "matplotlib"
     blocker.mkdir(parents=True)
     (blocker / "__init__.py").write_text("raise ImportError('blocked for the test')\n", encoding="utf-8")

@@ -12,6 +12,9 @@ import numpy as np
 import pytest
 import torch
 
+from detkit.analysis.browse import build_dataset, choose_indices, render, write_outputs
+from detkit.config import load_detection_config
+from detkit.errors import UsageError
 from detkit.structures import Targets
 from detkit.visualization import class_color, draw_ground_truth, draw_targets, make_contact_sheet
 
@@ -89,10 +92,13 @@ def test_help_shows_examples(tmp_path: Path) -> None:
 
 def test_browse_writes_images_and_contact_sheet(tiny_config: Path, tmp_path: Path) -> None:
     out = tmp_path / "browse"
-    r = run_tool("--config", str(tiny_config), "--num", "3", "--output", str(out), cwd=tmp_path)
-    assert r.returncode == 0, r.stderr
+    dataset = build_dataset(load_detection_config(tiny_config), "train", seed=0)
+    drawn, skipped = render(dataset, choose_indices(len(dataset), 3, shuffle=False, seed=0))
+    assert not skipped and len(drawn) == 3
+    written = write_outputs(drawn, out, contact_sheet=False, cols=4, cell=320)
     ann = json.loads((tmp_path / "shapes" / "train.json").read_text(encoding="utf-8"))
     files = sorted(out.glob("*.png"))
+    assert sorted(written) == files
     assert [f.stem for f in files] == sorted(Path(im["file_name"]).stem for im in ann["images"])[:3]
     colours = {class_color(k) for k in range(4)}
     for f in files:
@@ -111,6 +117,15 @@ def test_browse_writes_images_and_contact_sheet(tiny_config: Path, tmp_path: Pat
     cell = sheet[4:68, 4:68]
     assert cell.std() > 10 and len(np.unique(cell.reshape(-1, 3), axis=0)) > 50  # real image content
     assert "test pipeline" in r.stdout
+
+
+def test_choose_indices() -> None:
+    assert choose_indices(5, 3, shuffle=False, seed=0) == [0, 1, 2]
+    picked = choose_indices(50, 4, shuffle=True, seed=1)
+    assert picked == choose_indices(50, 4, shuffle=True, seed=1) and picked != [0, 1, 2, 3] and len(set(picked)) == 4
+    assert choose_indices(2, 9, shuffle=True, seed=0) == [0, 1]
+    with pytest.raises(UsageError, match="--num 0: must be at least 1"):
+        choose_indices(5, 0, shuffle=False, seed=0)
 
 
 def test_bad_inputs_give_one_line(tiny_config: Path, tmp_path: Path) -> None:
