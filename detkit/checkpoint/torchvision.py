@@ -2,21 +2,29 @@
 
 :data:`CLASSIFICATION` and :data:`DETECTION` recognize and convert them to detkit keys.
 
-Key mapping (``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn``, v1; old and new layouts):
+Key mapping (``fasterrcnn_resnet50_fpn`` / ``maskrcnn_resnet50_fpn`` v1 and their ``_v2`` versions;
+current and legacy layouts). The legacy rows are the keys of files saved before torchvision's
+``_version = 2`` modules, which its ``_load_from_state_dict`` hooks rename on load (FPN blocks, RPN
+conv, mask head convs); here they are converted directly. v2 adds BatchNorm after the FPN convs
+(``.1.*``, the convs then have no bias), a second RPN conv, a 4conv1fc box head with BatchNorm and
+BatchNorm in the mask head; BN statistics and ``num_batches_tracked`` are converted like weights.
 
 ==========================================================  =============================================
 torchvision                                                 detkit
 ==========================================================  =============================================
 ``backbone.body.*``                                         ``backbone.bottom_up.*`` (ResNet converter)
-``backbone.fpn.*``                                          ``backbone.fpn.*`` (FPN converter)
-``rpn.head.conv.weight`` / ``rpn.head.conv.{i}.0.weight``   ``rpn.head.convs.{i}.weight``
+``backbone.fpn.inner_blocks.{i}.0`` / ``.1`` (v2 norm)      ``backbone.fpn.lateral_convs.{i}.conv`` / ``.norm``
+``backbone.fpn.layer_blocks.{i}.0`` / ``.1`` (v2 norm)      ``backbone.fpn.output_convs.{i}.conv`` / ``.norm``
+``backbone.fpn.inner_blocks.{i}.weight`` (legacy)           ``backbone.fpn.lateral_convs.{i}.conv.weight``
+``rpn.head.conv.weight`` (legacy)                           ``rpn.head.convs.0.weight``
+``rpn.head.conv.{i}.0.weight`` (v1: i = 0; v2: i = 0, 1)      ``rpn.head.convs.{i}.weight``
 ``rpn.head.cls_logits`` / ``rpn.head.bbox_pred``            ``rpn.head.objectness`` / ``rpn.head.anchor_deltas``
 ``roi_heads.box_head.fc6`` / ``fc7``                        ``roi_heads.box_head.fcs.0`` / ``fcs.1``
 ``roi_heads.box_head.{i}.0`` / ``.1`` (v2 conv / norm)      ``roi_heads.box_head.convs.{i}.conv`` / ``.norm``
 ``roi_heads.box_head.{i}`` (v2 Linear)                      ``roi_heads.box_head.fcs.{j}``
 ``roi_heads.box_predictor.cls_score``                       same name; background row moved last
 ``roi_heads.box_predictor.bbox_pred``                       same name; background rows dropped
-``roi_heads.mask_head.mask_fcn{i+1}`` / ``mask_head.{i}.0``  ``roi_heads.mask_head.convs.{i}.conv``
+``roi_heads.mask_head.{i}.0`` / legacy ``mask_fcn{i+1}``     ``roi_heads.mask_head.convs.{i}.conv``
 ``roi_heads.mask_head.{i}.1`` (v2 norm)                     ``roi_heads.mask_head.convs.{i}.norm``
 ``roi_heads.mask_predictor.conv5_mask``                     ``roi_heads.mask_head.deconv``
 ``roi_heads.mask_predictor.mask_fcn_logits``                ``roi_heads.mask_head.predictor``; background dropped
