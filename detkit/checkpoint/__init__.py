@@ -5,11 +5,13 @@
   a :class:`LoadReport`) and :func:`compare_state_dict`.
 * :mod:`.initial`: :func:`load_initial_weights`, the one way tools and :class:`Predictor` load a
   config's weights, with one rule on partial fits (:func:`check_fit`).
-* one module per foreign format: :mod:`.torchvision`.
+* one module per foreign format: :mod:`.torchvision`, :mod:`.detectron2` (with the restricted
+  :func:`read_detectron2_pkl` for its model-zoo ``.pkl`` files).
 
 ``detkit.models`` never imports this package: models are built first, then loaded.
 """
 
+from .detectron2 import read_detectron2_pkl
 from .files import CheckpointError, load_checkpoint, save_checkpoint
 from .initial import check_fit, load_initial_weights
 from .loading import FOREIGN_FORMATS, compare_state_dict, load_weights
@@ -24,5 +26,6 @@ __all__ = [
     "load_checkpoint",
     "load_initial_weights",
     "load_weights",
+    "read_detectron2_pkl",
     "save_checkpoint",
 ]

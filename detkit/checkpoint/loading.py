@@ -1,7 +1,9 @@
 """Format-aware weight loading: :func:`load_weights` and :func:`compare_state_dict`.
 
 * :func:`load_weights` accepts detkit checkpoints and state dicts and every format of
-  :data:`FOREIGN_FORMATS` (each one module: :mod:`detkit.checkpoint.torchvision` today),
+  :data:`FOREIGN_FORMATS` (each one module: :mod:`detkit.checkpoint.torchvision`,
+  :mod:`detkit.checkpoint.detectron2`; a plain pickle such as a Detectron2 zoo ``.pkl`` is read by
+  :func:`~detkit.checkpoint.detectron2.read_detectron2_pkl`, every other file by :func:`load_checkpoint`),
   converts their keys, aligns key prefixes with the target model (e.g. a classifier's
   ``backbone.*`` onto a detector's ``backbone.bottom_up.*``), loads what fits and returns a
   :class:`LoadReport` instead of failing deep inside ``load_state_dict``. From a detkit
@@ -20,6 +22,7 @@ from typing import Any, Mapping, Union
 
 from torch import Tensor, nn
 
+from . import detectron2 as d2
 from . import torchvision as tv
 from .base import ForeignFormat
 from .files import CheckpointError, PathLike, load_checkpoint
@@ -30,7 +33,7 @@ __all__ = ["FOREIGN_FORMATS", "FMT_DETKIT", "load_weights", "compare_state_dict"
 FMT_DETKIT = "detkit"
 
 #: the foreign formats, tried in order; the first whose ``matches`` accepts the state dict converts it
-FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION, tv.CLASSIFICATION)
+FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION, tv.CLASSIFICATION, d2.DETECTRON2)
 
 
 # --------------------------------------------------------------------------- format detection
@@ -154,11 +157,12 @@ def load_weights(
     """Load weights from a file or a dict into ``model`` and report what happened.
 
     ``source`` may be a detkit training checkpoint (``{"model": sd, ...}``), a detkit
-    state dict, or a torchvision classification / detection state dict (also inside
-    ``{"model": ...}``). A detkit training checkpoint of a run with EMA (``"ema":
-    {"model": sd, ...}``) gives its EMA weights, which are what the run evaluated and
-    scored, unless ``prefer_ema=False``; ``report.weights`` and ``report.source_format``
-    say which were used (resuming training restores both, see
+    state dict, a torchvision classification / detection state dict (also inside
+    ``{"model": ...}``), a Detectron2 model-zoo ``.pkl`` or a Detectron2 ``model_final.pth``.
+    A detkit training checkpoint of a run with EMA (``"ema": {"model": sd, ...}``) gives
+    its EMA weights, which are what the run evaluated and scored, unless
+    ``prefer_ema=False``; ``report.weights`` and ``report.source_format`` say which were used
+    (resuming training restores both, see
     :func:`detkit.engine.restore_training_state`). Keys are converted to detkit names, then one prefix swap
     aligning the checkpoint with the model is chosen automatically (most same-shaped
     matches), and remaining exact-name matches are also used. Same-named tensors with
@@ -168,7 +172,9 @@ def load_weights(
     if isinstance(source, Mapping):
         name, obj = "<state dict>", source
     else:
-        name, obj = str(source), load_checkpoint(source)
+        name = str(source)
+        # a Detectron2 zoo .pkl: restricted unpickling, its "model" dict; else a torch file (weights_only)
+        obj = d2.read_detectron2_pkl(source)["model"] if d2.is_pickle_file(source) else load_checkpoint(source)
     fmt, foreign, ckpt, non_tensor, used = _detect_and_convert(obj, name, prefer_ema)
     if foreign is not None and foreign.projection_shortcuts:
         _check_projection_shortcuts(model, name, fmt)
