@@ -168,7 +168,8 @@ class Predictor:
             with torch.inference_mode(), self._context():
                 dets = self.model.predict(tensors, paste_masks=False)
                 for im, r, det in zip(chunk, resized, dets):
-                    det = rescale_detections(det, r.shape[:2], im.shape[:2], self.model.mask_threshold)
+                    det = rescale_detections(det, r.shape[:2], im.shape[:2], self.model.mask_threshold,
+                                             self.model.mask_paste)
                     results.append(
                         Prediction(
                             boxes=det.boxes.float().cpu().numpy(),

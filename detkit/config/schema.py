@@ -154,6 +154,10 @@ class ModelConfig(_Strict):
     rpn: RPNConfig = RPNConfig()
     roi_heads: ROIHeadsConfig = ROIHeadsConfig()
     mask_threshold: float = 0.5  # binarization threshold for pasted masks
+    # how M x M mask probabilities are pasted into their boxes: "torchvision" (padded mask on the
+    # integer-truncated enlarged box, > threshold) or "detectron2" (sampled at each pixel centre of the
+    # exact float box, >= threshold), which the Detectron2 zoo configs use
+    mask_paste: Literal["torchvision", "detectron2"] = "torchvision"
 
 
 # --------------------------------------------------------------------------- data
@@ -196,6 +200,9 @@ class InputConfig(_Strict):
     large_scale_jitter: bool = False
     lsj_image_size: int = 1024
     lsj_scale_range: tuple[float, float] = (0.1, 2.0)
+    # shortest-edge resize: "opencv" (one scale, round half up, cv2 bilinear) or "detectron2" (its
+    # two-step size rounding and PIL's bilinear, antialiased when shrinking), for the Detectron2 zoo configs
+    resize_style: Literal["opencv", "detectron2"] = "opencv"
 
 
 class DataLoaderConfig(_Strict):

@@ -35,17 +35,26 @@ __all__ = [
 
 
 def resize_shortest_edge(
-    h: int, w: int, short: int, max_size: int, rounding: Literal["round", "floor"] = "round"
+    h: int, w: int, short: int, max_size: int, rounding: Literal["round", "floor", "detectron2"] = "round"
 ) -> tuple[int, int]:
     """Output (new_h, new_w) of a shortest-edge resize capped by ``max_size`` on the long side.
 
     ``scale = min(short / min(h, w), max_size / max(h, w))`` and each side is multiplied by it.
-    ``rounding="round"`` rounds half up (Detectron2); ``rounding="floor"`` reproduces
-    torchvision's ``GeneralizedRCNNTransform`` sizes exactly.
+    ``rounding="round"`` rounds half up; ``rounding="floor"`` reproduces torchvision's
+    ``GeneralizedRCNNTransform`` sizes exactly; ``rounding="detectron2"`` reproduces Detectron2's
+    ``ResizeShortestEdge``: the short side is set to ``short`` first and both sides are rescaled
+    only when the long side then exceeds ``max_size`` (1 px apart from "round" in rare half cases).
     ``max_size <= 0`` disables the cap.
     """
     if h <= 0 or w <= 0:
         raise ValueError(f"resize_shortest_edge: image size must be positive, got h={h}, w={w}")
+    if rounding == "detectron2":
+        s = short / min(h, w)
+        nh, nw = (float(short), s * w) if h < w else (s * h, float(short))
+        if max_size > 0 and max(nh, nw) > max_size:
+            s = max_size / max(nh, nw)
+            nh, nw = nh * s, nw * s
+        return max(1, int(nh + 0.5)), max(1, int(nw + 0.5))
     if rounding == "floor":
         # torchvision: python-float scale, interpolate(scale_factor, recompute_scale_factor=True) floors
         scale = short / min(h, w)
@@ -80,6 +89,9 @@ class ResizeShortestEdge(A.DualTransform):
 
     One ``cv2.resize`` for the image (``interpolation``, bilinear by default), centre-aligned
     nearest neighbour for masks; boxes follow (albumentations keeps them normalized).
+    ``style="detectron2"`` reproduces Detectron2's resize instead: its size rounding
+    (:func:`resize_shortest_edge` ``rounding="detectron2"``) and PIL's bilinear resize of the uint8
+    image, which averages over the source pixels when shrinking.
     """
 
     def __init__(
@@ -88,8 +100,12 @@ class ResizeShortestEdge(A.DualTransform):
         max_size: int,
         interpolation: int = cv2.INTER_LINEAR,
         p: float = 1.0,
+        style: Literal["opencv", "detectron2"] = "opencv",
     ) -> None:
         super().__init__(p=p)
+        if style not in ("opencv", "detectron2"):
+            raise ValueError(f"ResizeShortestEdge: style must be 'opencv' or 'detectron2', got {style!r}")
+        self.style = style
         self.short_sizes = [int(short_sizes)] if isinstance(short_sizes, int) else [int(s) for s in short_sizes]
         if not self.short_sizes or min(self.short_sizes) <= 0:
             raise ValueError(f"ResizeShortestEdge: short sizes must be positive, got {short_sizes}")
@@ -99,12 +115,17 @@ class ResizeShortestEdge(A.DualTransform):
     def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
         h, w = params["shape"][:2]
         short = self.short_sizes[0] if len(self.short_sizes) == 1 else self.py_random.choice(self.short_sizes)
-        new_h, new_w = resize_shortest_edge(h, w, short, self.max_size)
+        rounding = "detectron2" if self.style == "detectron2" else "round"
+        new_h, new_w = resize_shortest_edge(h, w, short, self.max_size, rounding)
         return {"new_h": new_h, "new_w": new_w}
 
     def apply(self, img: np.ndarray, new_h: int = 0, new_w: int = 0, **params: Any) -> np.ndarray:
         if img.shape[:2] == (new_h, new_w):
             return img
+        if self.style == "detectron2" and img.dtype == np.uint8:
+            from PIL import Image
+
+            return np.asarray(Image.fromarray(img).resize((new_w, new_h), Image.BILINEAR))
         return cv2.resize(img, (new_w, new_h), interpolation=self.interpolation)
 
     def apply_to_mask(self, mask: np.ndarray, new_h: int = 0, new_w: int = 0, **params: Any) -> np.ndarray:
@@ -119,7 +140,7 @@ class ResizeShortestEdge(A.DualTransform):
         return bboxes  # normalized coordinates do not change under a resize
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("short_sizes", "max_size", "interpolation")
+        return ("short_sizes", "max_size", "interpolation", "style")
 
 
 class LargeScaleJitter(A.DualTransform):
@@ -308,12 +329,13 @@ def build_detection_transform(input_cfg: InputConfig, is_train: bool, seed: Opti
     ``min_size_test`` / ``max_size_test``.
     """
     if not is_train:
-        return DetectionTransform([ResizeShortestEdge(input_cfg.min_size_test, input_cfg.max_size_test)], seed=seed)
+        return DetectionTransform([ResizeShortestEdge(input_cfg.min_size_test, input_cfg.max_size_test,
+                                                      style=input_cfg.resize_style)], seed=seed)
     ops: list[A.BasicTransform] = []
     if input_cfg.large_scale_jitter:
         ops.append(LargeScaleJitter(input_cfg.lsj_image_size, tuple(input_cfg.lsj_scale_range)))
     else:
-        ops.append(ResizeShortestEdge(input_cfg.min_size_train, input_cfg.max_size_train))
+        ops.append(ResizeShortestEdge(input_cfg.min_size_train, input_cfg.max_size_train, style=input_cfg.resize_style))
     if input_cfg.hflip_prob > 0:
         ops.append(A.HorizontalFlip(p=input_cfg.hflip_prob))
     if input_cfg.color_jitter > 0:

@@ -57,6 +57,7 @@ def inference_on_dataset(
     if device is None:
         device = next(net.parameters()).device
     mask_threshold = float(getattr(net, "mask_threshold", 0.5))
+    mask_paste = str(getattr(net, "mask_paste", "torchvision"))
     was_training = net.training
     net.eval()
     if optimize:
@@ -87,7 +88,7 @@ def inference_on_dataset(
                     out = []
                     for img, det, orig in zip(images, dets, batch.orig_sizes):
                         det = _to_float32(det)
-                        det = rescale_detections(det, tuple(img.shape[-2:]), tuple(orig), mask_threshold)
+                        det = rescale_detections(det, tuple(img.shape[-2:]), tuple(orig), mask_threshold, mask_paste)
                         out.append(det.to("cpu"))
                     evaluator.process(batch.image_ids, out)
                     num_images += len(images)

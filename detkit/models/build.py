@@ -168,5 +168,6 @@ def build_detector(cfg: DetectionConfig, num_classes: int) -> TwoStageDetector:
         input_format=m.input_format,
         size_divisibility=m.size_divisibility,
         mask_threshold=m.mask_threshold,
+        mask_paste=m.mask_paste,
     )
     return model

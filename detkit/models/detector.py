@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..structures import Detections, Targets, clip_boxes_to_image
-from .roi_heads.mask_head import paste_masks_in_image
+from .roi_heads.mask_head import paste_masks as _paste_masks  # predict() has a paste_masks flag
 
 __all__ = ["TwoStageDetector", "rescale_detections"]
 
@@ -28,7 +28,8 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def rescale_detections(
-    det: Detections, from_size: tuple[int, int], to_size: tuple[int, int], mask_threshold: float = 0.5
+    det: Detections, from_size: tuple[int, int], to_size: tuple[int, int], mask_threshold: float = 0.5,
+    mask_paste: str = "torchvision",
 ) -> Detections:
     """Map detections from the image the model saw to another size (e.g. the original image).
 
@@ -41,6 +42,7 @@ def rescale_detections(
         from_size: ``(h, w)`` of the image the detections are in.
         to_size: ``(H, W)`` of the target image.
         mask_threshold: binarization threshold for pasting.
+        mask_paste: ``"torchvision"`` or ``"detectron2"`` pasting (:func:`paste_masks`).
     """
     (fh, fw), (th, tw) = from_size, to_size
     if min(fh, fw, th, tw) <= 0:
@@ -50,7 +52,7 @@ def rescale_detections(
     masks = det.masks
     if masks is not None:
         if masks.dim() == 4:
-            masks = paste_masks_in_image(masks, boxes, (th, tw), mask_threshold)
+            masks = _paste_masks(masks, boxes, (th, tw), mask_threshold, mask_paste)
         elif masks.dim() == 3 and tuple(masks.shape[-2:]) != (th, tw):
             if masks.shape[0] == 0:
                 masks = masks.new_zeros((0, th, tw))
@@ -73,6 +75,7 @@ class TwoStageDetector(nn.Module):
             always RGB; they are reordered for ``"BGR"``.
         size_divisibility: the normalized batch is zero-padded to a multiple of this.
         mask_threshold: binarization threshold when pasting masks.
+        mask_paste: ``"torchvision"`` or ``"detectron2"``: how masks are pasted into their boxes.
     """
 
     def __init__(
@@ -85,6 +88,7 @@ class TwoStageDetector(nn.Module):
         input_format: str = "RGB",
         size_divisibility: int = 32,
         mask_threshold: float = 0.5,
+        mask_paste: str = "torchvision",
     ) -> None:
         super().__init__()
         if input_format not in ("RGB", "BGR"):
@@ -99,6 +103,9 @@ class TwoStageDetector(nn.Module):
         self.input_format = input_format
         self.size_divisibility = int(size_divisibility)
         self.mask_threshold = float(mask_threshold)
+        if mask_paste not in ("torchvision", "detectron2"):
+            raise ValueError(f"TwoStageDetector: mask_paste must be 'torchvision' or 'detectron2', got {mask_paste!r}")
+        self.mask_paste = mask_paste
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean, dtype=torch.float32).view(3, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std, dtype=torch.float32).view(3, 1, 1), False)
 
@@ -229,6 +236,6 @@ class TwoStageDetector(nn.Module):
         for det, size in zip(detections, sizes):
             det = Detections(boxes=det.boxes.float(), scores=det.scores.float(), labels=det.labels, masks=det.masks)
             if paste_masks and det.masks is not None and det.masks.dim() == 4:
-                det.masks = paste_masks_in_image(det.masks, det.boxes, size, self.mask_threshold)
+                det.masks = _paste_masks(det.masks, det.boxes, size, self.mask_threshold, self.mask_paste)
             out.append(det)
         return out

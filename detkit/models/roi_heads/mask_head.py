@@ -7,6 +7,7 @@ Parameter names of :class:`MaskRCNNHead` (the torchvision checkpoint conversion 
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -16,7 +17,10 @@ from torchvision.ops import roi_align
 
 from detkit.layers import ConvNormAct
 
-__all__ = ["MaskRCNNHead", "mask_rcnn_loss", "mask_rcnn_inference", "paste_masks_in_image"]
+__all__ = [
+    "MaskRCNNHead", "mask_rcnn_loss", "mask_rcnn_inference", "paste_masks", "paste_masks_detectron2",
+    "paste_masks_in_image",
+]
 
 
 class MaskRCNNHead(nn.Module):
@@ -267,3 +271,51 @@ def paste_masks_in_image(
         flat = (idx[n_i] * im_h + y0[idx][n_i] + r_i) * im_w + x0[idx][n_i] + c_i
         out.view(-1)[flat] = True
     return out
+
+
+def paste_masks_detectron2(masks: Tensor, boxes: Tensor, image_size: tuple[int, int],
+                           threshold: float = 0.5) -> Tensor:
+    """Paste M x M mask probabilities into their boxes the way Detectron2 does, and binarize.
+
+    Each output pixel ``(x, y)`` near box ``(x1, y1, x2, y2)`` samples the mask bilinearly at its
+    centre: ``u = ((x + 0.5) - x1) / (x2 - x1) * 2 - 1`` (likewise ``v``), ``grid_sample`` with
+    ``align_corners=False`` and zeros outside the mask; a pixel is in the mask when its value is
+    ``>= threshold``. Unlike :func:`paste_masks_in_image` the box is not enlarged or truncated, so
+    small objects' masks differ by a pixel or so at their borders.
+
+    Args:
+        masks: float [N, M, M] (or [N, 1, M, M]) probabilities.
+        boxes: [N, 4] xyxy boxes in the image's pixels.
+        image_size: (h, w) of the output.
+        threshold: a pixel is in the mask when its value is >= threshold.
+
+    Returns:
+        bool [N, h, w] on the masks' device.
+    """
+    if masks.dim() == 4:
+        masks = masks[:, 0]
+    im_h, im_w = int(image_size[0]), int(image_size[1])
+    out = torch.zeros((masks.shape[0], im_h, im_w), dtype=torch.bool, device=masks.device)
+    boxes = boxes.to(device=masks.device, dtype=torch.float32)
+    for i in range(masks.shape[0]):
+        x1, y1, x2, y2 = (float(v) for v in boxes[i])
+        # only the pixels around the box can be inside it (one pixel of margin each way)
+        c0, r0 = max(int(math.floor(x1)) - 1, 0), max(int(math.floor(y1)) - 1, 0)
+        c1, r1 = min(int(math.ceil(x2)) + 1, im_w), min(int(math.ceil(y2)) + 1, im_h)
+        if c1 <= c0 or r1 <= r0:
+            continue
+        u = (torch.arange(c0, c1, device=masks.device, dtype=torch.float32) + 0.5 - x1) / max(x2 - x1, 1e-12) * 2 - 1
+        v = (torch.arange(r0, r1, device=masks.device, dtype=torch.float32) + 0.5 - y1) / max(y2 - y1, 1e-12) * 2 - 1
+        # (rows, cols, 2) grid of (u, v) -> (1, rows, cols, 2)
+        grid = torch.stack(torch.meshgrid(v, u, indexing="ij")[::-1], dim=-1)[None]
+        sampled = F.grid_sample(masks[i][None, None].float(), grid, mode="bilinear", align_corners=False)[0, 0]
+        out[i, r0:r1, c0:c1] = sampled >= threshold
+    return out
+
+
+def paste_masks(masks: Tensor, boxes: Tensor, image_size: tuple[int, int], threshold: float = 0.5,
+                style: str = "torchvision") -> Tensor:
+    """:func:`paste_masks_in_image` (``style="torchvision"``) or :func:`paste_masks_detectron2`."""
+    if style == "detectron2":
+        return paste_masks_detectron2(masks, boxes, image_size, threshold)
+    return paste_masks_in_image(masks, boxes, image_size, threshold)
