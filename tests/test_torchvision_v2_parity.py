@@ -180,7 +180,7 @@ def test_v2_load_consumes_every_tensor(v2_models) -> None:
     """Every torchvision tensor lands in detkit with its value (nothing left random, nothing dropped),
     BN statistics of the FPN and the heads included; every norm uses eps 1e-5."""
     arch, tv, dk, report = v2_models
-    assert report.source_format == "torchvision detection"
+    assert report.source_format == "torchvision detection v2"
     assert not (report.missing or report.mismatched or report.unexpected or report.dropped), report.summary()
     tv_sd = tv.state_dict()
     converted = convert_torchvision_detection(tv_sd)
@@ -295,6 +295,8 @@ def test_other_generation_is_refused_in_one_line(tmp_path, arch, file_version, c
     v2_only, v1_only = "backbone.fpn.lateral_convs.0.norm.weight", "backbone.fpn.lateral_convs.0.conv.bias"
     assert v2_only in msg and v1_only in msg, msg
     assert ("missing" in msg) and ("unknown" in msg or "unexpected" in msg), msg
+    # the message says which generation the file is
+    assert f"(torchvision detection{' v2' if file_version == 'v2' else ''})" in msg, msg
     # fine-tuning does not excuse it either: these are not class layers
     cfg.model.num_classes = 3
     with pytest.raises(CheckpointError):

@@ -33,7 +33,7 @@ __all__ = ["FOREIGN_FORMATS", "FMT_DETKIT", "load_weights", "compare_state_dict"
 FMT_DETKIT = "detkit"
 
 #: the foreign formats, tried in order; the first whose ``matches`` accepts the state dict converts it
-FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION, tv.CLASSIFICATION, d2.DETECTRON2)
+FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION_V2, tv.DETECTION, tv.CLASSIFICATION, d2.DETECTRON2)
 
 
 # --------------------------------------------------------------------------- format detection

@@ -47,6 +47,7 @@ from .base import ForeignFormat
 __all__ = [
     "CLASSIFICATION",
     "DETECTION",
+    "DETECTION_V2",
     "convert_torchvision_detection",
     "convert_torchvision_fpn",
     "convert_torchvision_resnet",
@@ -183,11 +184,19 @@ def _is_detection(state_dict: Mapping[str, Tensor]) -> bool:
     return any(k.startswith("backbone.body.") for k in state_dict)
 
 
+def _is_detection_v2(state_dict: Mapping[str, Tensor]) -> bool:
+    """The v2 models (``*_resnet50_fpn_v2``): normalized FPN convs and a two-conv RPN head."""
+    return _is_detection(state_dict) and any(
+        k.startswith(("backbone.fpn.inner_blocks.0.1.", "rpn.head.conv.1.")) for k in state_dict)
+
+
 def _is_classification(state_dict: Mapping[str, Tensor]) -> bool:
     return "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict)
 
 
 #: torchvision Faster / Mask R-CNN ResNet-FPN state dicts (v1 and v2 layouts)
 DETECTION = ForeignFormat("torchvision detection", _is_detection, convert_torchvision_detection)
+#: the same layout family, named apart so that a v1/v2 mix-up says which file it is
+DETECTION_V2 = ForeignFormat("torchvision detection v2", _is_detection_v2, convert_torchvision_detection)
 #: torchvision ResNet / ResNeXt / Wide ResNet classification state dicts
 CLASSIFICATION = ForeignFormat("torchvision classification", _is_classification, convert_torchvision_resnet)
