@@ -195,7 +195,7 @@ def test_two_processes_one_image_each_equal_one_process_two_images(tmp_path: Pat
     _eq_check_proposal_counts(init)
     _torchrun_script(Path(__file__), ["--equivalence-worker", str(tmp_path)], tmp_path)
 
-    ranks = [torch.load(tmp_path / f"rank{r}.pth") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pth", weights_only=True) for r in range(2)]
     ref = _eq_train(tmp_path / "init.pth", [[2 * i, 2 * i + 1] for i in range(EQ_STEPS)])  # one process, 2 images
     alone = _eq_train(tmp_path / "init.pth", [[2 * i] for i in range(EQ_STEPS)])  # rank 0's images, no all-reduce
 
