@@ -164,7 +164,8 @@ def test_zoo_pkl_every_key_consumed_and_every_tensor_loaded(zoo_pkl: Path, mask_
     assert is_pickle_file(zoo_pkl)
     (report,) = load_initial_weights(model, cfg, weights=str(zoo_pkl), training=False)
     assert report.source_format == "Detectron2"
-    assert not (report.missing or report.unexpected or report.dropped or report.mismatched), report.summary()
+    assert not (report.missing or report.unexpected or report.dropped or report.mismatched or report.ignored), \
+        report.summary()
     assert sorted(report.loaded) == sorted(model.state_dict())
     _assert_all_loaded_by_value(model, mask_arrays)
 
@@ -189,6 +190,9 @@ def test_model_final_pth_of_detectron2_training(tmp_path: Path, mask_arrays) -> 
     (report,) = load_initial_weights(model, cfg, weights=str(path), training=False)
     assert report.source_format == "Detectron2 (training checkpoint)"
     assert report.fits and not report.dropped, report.summary()
+    legacy = ["pixel_mean", "pixel_std", *(f"proposal_generator.anchor_generator.cell_anchors.{i}" for i in range(5))]
+    assert sorted(report.ignored) == sorted(legacy)  # named in the report, not silently lost
+    assert "ignored 7 (settings, not weights" in report.summary()
     _assert_all_loaded_by_value(model, mask_arrays)
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 from torch import Tensor
 
@@ -22,9 +22,13 @@ class ForeignFormat:
             keys it does not know pass through unchanged so that they are reported, not lost.
         projection_shortcuts: its ResNets use option-B shortcuts (a projection only where the
             shape changes); a detkit model built with option A or C is refused.
+        not_weights: ``key -> bool``; True for the format's entries that are settings, not weights
+            (e.g. Detectron2's ``pixel_mean``): ``convert`` leaves them out and the load report
+            lists them as ``ignored``. None: every entry is a weight.
     """
 
     name: str
     matches: Callable[[Mapping[str, Tensor]], bool]
     convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
     projection_shortcuts: bool = True
+    not_weights: Optional[Callable[[str], bool]] = None

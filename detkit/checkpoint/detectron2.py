@@ -346,4 +346,5 @@ def _is_detectron2(state_dict: Mapping[str, Tensor]) -> bool:
 
 
 #: Detectron2 state dicts: model-zoo ``.pkl`` files (via :func:`read_detectron2_pkl`) and ``model_final.pth``
-DETECTRON2 = ForeignFormat("Detectron2", _is_detectron2, convert_detectron2)
+DETECTRON2 = ForeignFormat("Detectron2", _is_detectron2, convert_detectron2,
+                           not_weights=lambda key: _NOT_WEIGHTS.match(key) is not None)

@@ -18,6 +18,7 @@ Whether a partial fit is acceptable is not decided here: see :mod:`detkit.checkp
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from torch import Tensor, nn
@@ -52,11 +53,22 @@ def _ema_weights(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def _detect_and_convert(
-    obj: Mapping[str, Any], source: str, prefer_ema: bool = True
-) -> tuple[str, ForeignFormat | None, dict[str, Tensor], list[str], str]:
-    """Return (format name, the foreign format or None for detkit's own, detkit-named state dict,
-    non-tensor keys, "model" or "ema")."""
+@dataclass
+class _Converted:
+    """What :func:`_detect_and_convert` found: the format's name, the foreign format (None for detkit's
+    own), the detkit-named tensors, the non-tensor keys, the entries the format ignores (settings,
+    not weights) and which weights were used ("model" or "ema")."""
+
+    fmt: str
+    foreign: ForeignFormat | None
+    tensors: dict[str, Tensor]
+    non_tensor: list[str]
+    ignored: list[str]
+    used: str
+
+
+def _detect_and_convert(obj: Mapping[str, Any], source: str, prefer_ema: bool = True) -> _Converted:
+    """Find the checkpoint's weights and format, and convert them to detkit names."""
     wrapper = ""
     used = "model"
     sd: Mapping[str, Any] = obj
@@ -77,15 +89,17 @@ def _detect_and_convert(
     if all(k.startswith("module.") for k in tensors):  # saved from DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
 
-    fmt, used_format = FMT_DETKIT, None
+    fmt, used_format, ignored = FMT_DETKIT, None, []
     for candidate in FOREIGN_FORMATS:
         if candidate.matches(tensors):
             fmt, used_format = candidate.name, candidate
+            if candidate.not_weights is not None:
+                ignored = [k for k in tensors if candidate.not_weights(k)]
             tensors = candidate.convert(tensors)
             break
     if wrapper:
         fmt = f"{fmt} ({wrapper})"
-    return fmt, used_format, tensors, others, used
+    return _Converted(fmt, used_format, tensors, others, ignored, used)
 
 
 # --------------------------------------------------------------------------- prefix alignment
@@ -175,8 +189,9 @@ def load_weights(
         name = str(source)
         # a Detectron2 zoo .pkl: restricted unpickling, its "model" dict; else a torch file (weights_only)
         obj = d2.read_detectron2_pkl(source)["model"] if d2.is_pickle_file(source) else load_checkpoint(source)
-    fmt, foreign, ckpt, non_tensor, used = _detect_and_convert(obj, name, prefer_ema)
-    if foreign is not None and foreign.projection_shortcuts:
+    conv = _detect_and_convert(obj, name, prefer_ema)
+    fmt, ckpt = conv.fmt, conv.tensors
+    if conv.foreign is not None and conv.foreign.projection_shortcuts:
         _check_projection_shortcuts(model, name, fmt)
 
     model_sd = model.state_dict()
@@ -185,7 +200,7 @@ def load_weights(
     # first components of model keys under the aligned root: the modules the model has there
     roots = {k[len(pm):].split(".")[0] for k in model_shapes if k.startswith(pm)}
 
-    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm), weights=used)
+    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm), weights=conv.used, ignored=conv.ignored)
     to_load: dict[str, Tensor] = {}
     taken: set[str] = set()
     leftovers: list[str] = []
@@ -213,7 +228,7 @@ def load_weights(
             report.unexpected.append(ck)
         else:
             report.dropped.append(ck)
-    report.unexpected.extend(non_tensor)
+    report.unexpected.extend(conv.non_tensor)
     report.loaded = sorted(to_load)
     report.missing = [k for k in model_shapes if k not in taken and not _is_step_counter(k)]
 

@@ -22,6 +22,8 @@ class LoadReport:
             when initializing a backbone), or outside the part of the checkpoint used.
         mismatched: ``(model key, checkpoint shape, model shape)`` for same-named
             tensors whose shapes differ; not loaded, the model keeps its initialization.
+        ignored: checkpoint entries that its format says are settings, not weights (Detectron2's
+            ``pixel_mean``, ``pixel_std``, ``cell_anchors``: the config sets them); not loaded.
         source: file path, or ``"<state dict>"``.
         prefix_map: ``(checkpoint prefix, model prefix)`` used to align keys.
         weights: which weights of the source were used: ``"model"``, or ``"ema"`` for the
@@ -34,6 +36,7 @@ class LoadReport:
     unexpected: list[str] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
     mismatched: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)
     source: str = "<state dict>"
     prefix_map: tuple[str, str] = ("", "")
     weights: str = "model"
@@ -86,6 +89,7 @@ class LoadReport:
             ("missing", self.missing, "not in the checkpoint; keep their initialization"),
             ("dropped", self.dropped, "modules the model does not have"),
             ("unexpected", self.unexpected, "unknown to the model's modules"),
+            ("ignored", self.ignored, "settings, not weights; the config sets them"),
         ):
             if keys:
                 lines.append(f"  {name} {len(keys)} ({note}): {_group_keys(keys, max_items)}")
