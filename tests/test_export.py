@@ -212,7 +212,7 @@ def test_verification_reports_mismatches_and_crashes() -> None:
     def crash(x):
         raise RuntimeError("boom\nsecond line")
 
-    expected = {shifted: "boxes differ", one_less: "detections, expected", flat_boxes: "boxes has shape", crash: "boom"}
+    expected = {shifted: "boxes differ", one_less: "have no counterpart", flat_boxes: "boxes has shape", crash: "boom"}
     for fake, needle in expected.items():
         report = verify_exports(model, [image], torchscript=fake)
         assert not report.ok
@@ -228,6 +228,40 @@ def test_verification_reports_mismatches_and_crashes() -> None:
     perm[[0, 1]] = perm[[1, 0]]
     report = verify_exports(model, [image], torchscript=lambda x: (b[perm], s[perm], lab[perm]))
     assert report.ok and report.checks[0].reordered == 2, report.summary()
+
+
+def test_verification_tolerates_swaps_at_the_cuts_only() -> None:
+    """A detection that a score change within the tolerance moves across the top-k cut or the score
+    threshold may be missing or extra; anywhere else a missing or extra detection fails."""
+    model = tiny_model("faster_rcnn")
+    image = scene(128, 160, 1)
+    b, s, lab = ExportableDetector(model)(image)
+    assert len(b) > 3 and float(s[-1]) - model.roi_heads.score_thresh > 1e-3 and float(s[1] - s[-1]) > 1e-3
+    model.roi_heads.detections_per_image = len(b)  # the reference holds the maximum: its top-k cut is live
+    other = (lab[-1:] + 1) % model.num_classes
+
+    def replaced(i: int, score: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Detection i removed, another class's box with ``score`` added at the end."""
+        keep = torch.arange(len(b)) != i
+        return (torch.cat([b[keep], b[-1:] + 5]), torch.cat([s[keep], score.view(1)]), torch.cat([lab[keep], other]))
+
+    swapped = replaced(len(b) - 1, s[-1])  # the lowest one swapped for a tie: what the top-k cut does
+    report = verify_exports(model, [image], torchscript=lambda x: swapped)
+    assert report.ok and report.checks[0].at_edge == 2, report.summary()
+    confident = replaced(len(b) - 1, s[0])  # the newcomer scores high: no cut explains it
+    report = verify_exports(model, [image], torchscript=lambda x: confident)
+    assert not report.ok and f"1 of its {len(b)} detections are not in PyTorch's" in report.failure_line()
+    lost = replaced(1, s[-1])  # a confident one lost
+    report = verify_exports(model, [image], torchscript=lambda x: lost)
+    assert not report.ok and f"1 of {len(b)} detections have no counterpart" in report.failure_line()
+    too_many = (torch.cat([b, b[-1:] + 5]), torch.cat([s, s[-1:]]), torch.cat([lab, other]))
+    report = verify_exports(model, [image], torchscript=lambda x: too_many)
+    assert not report.ok and f"more than the model's maximum of {len(b)}" in report.failure_line()
+    # at the score threshold a detection may come or go
+    model.roi_heads.detections_per_image = len(b) + 10
+    model.roi_heads.score_thresh = float(s[-1]) - 5e-5
+    report = verify_exports(model, [image], torchscript=lambda x: (b[:-1], s[:-1], lab[:-1]))
+    assert report.ok and report.checks[0].at_edge == 1, report.summary()
 
 
 def test_paste_masks_and_errors(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
