@@ -7,26 +7,47 @@ a COCO annotations file (:func:`read_coco_json`, :func:`image_ids_for`) and thei
 writes the detections as a COCO results file (:func:`prediction_records`, one record per
 detection, via :func:`detkit.evaluation.detections_to_coco`). Progress lines go to stdout,
 warnings (``warning: ...``) to stderr; bad input raises a :class:`~detkit.errors.DetkitError`.
+
+With ``--save-json``, each finished image is appended to a part file (:mod:`detkit.infer_parts`),
+which ``--resume`` continues; the results file is merged from the parts in input order. Under
+``torchrun`` (``WORLD_SIZE`` > 1) each process joins the process group (Gloo on CPU; NCCL on the
+``LOCAL_RANK`` GPU with ``--device cuda``), predicts and draws its share of the images not done yet,
+and rank 0 merges; the records (image ids included) are those of one process. A video is refused there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Callable, Literal, Optional, Sequence
 
 import numpy as np
+import torch
 
-from .config import load_detection_config
+from .config import config_to_dict, load_detection_config
 from .data.classes import ClassInfo
 from .data.coco import DatasetError
 from .data.images import IMAGE_EXTENSIONS, read_image
-from .errors import UsageError
+from .engine.distributed import all_gather_object, broadcast_object, get_local_rank, get_rank, init_distributed
+from .errors import DetkitError, UsageError
 from .evaluation import detections_to_coco
 from .fileio import write_json_atomic
+from .infer_parts import (
+    PartsPlan,
+    PartWriter,
+    merge_parts,
+    part_path,
+    parts_dir_for,
+    prepare_parts,
+    remove_parts,
+    run_settings,
+    shard_indices,
+)
 from .machine import resolve_device
 from .predictor import Prediction, Predictor
 from .visualization import draw_detections
@@ -55,8 +76,8 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".m
 BBOX_DECIMALS, SCORE_DECIMALS = 2, 5
 
 
-def _warn(msg: str) -> None:
-    print(f"warning: {msg}", file=sys.stderr)
+def _warn(msg: str, prefix: str = "") -> None:
+    print(f"{prefix}warning: {msg}", file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -229,31 +250,38 @@ class ImagesDone:
 def run_images(
     predictor: Predictor, files: Sequence[Path], out_dir: Optional[Path], score_thresh: float, records: list[dict],
     image_ids: Optional[Sequence[Optional[int]]] = None, category_ids: Optional[Sequence[int]] = None,
+    on_done: Optional[Callable[[int, Path, list[dict]], None]] = None, strict: Optional[bool] = None,
+    prefix: str = "",
 ) -> ImagesDone:
     """Predict and draw each image (``out_dir/<name>``); append its records to ``records``.
 
     ``image_ids[i]`` is the records' image id of ``files[i]`` (None: no records; default: ``i``).
-    An unreadable file is an error when it is the only one, else skipped with a warning.
+    ``on_done(i, files[i], its records)`` is called once image ``i`` is drawn. An unreadable file
+    is an error when ``strict`` (default: when it is the only one), else skipped with a warning.
+    ``prefix`` starts each progress line (e.g. ``"[rank 1/2] "``).
     """
     names = list(predictor.class_names)
+    strict = len(files) == 1 if strict is None else strict
     result = ImagesDone(0)
     for idx, f in enumerate(files):
         try:
             image = read_image(f)
         except OSError as e:  # corrupt / unreadable (ImageReadError is an OSError)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else f"cannot read image {f}"
-            if len(files) == 1:
+            if strict:
                 raise UsageError(msg + "; check the file is a valid image") from None
-            _warn(f"skipping {msg}")
+            _warn(f"skipping {msg}", prefix)
             result.skipped.append(msg)
             continue
         pred = confident(predictor(image), score_thresh)
         image_id = idx if image_ids is None else image_ids[idx]
-        if image_id is not None:
-            records.extend(prediction_records(pred, names, f.name, image_id, category_ids))
+        recs = [] if image_id is None else prediction_records(pred, names, f.name, image_id, category_ids)
+        records.extend(recs)
         if out_dir is not None:
             _write_image(out_dir / f.name, _draw(image, pred, names, score_thresh))
-        print(f"{f.name}: {len(pred)} detections")
+        if on_done is not None:
+            on_done(idx, f, recs)
+        print(f"{prefix}{f.name}: {len(pred)} detections", flush=bool(prefix))
         result.done += 1
     return result
 
@@ -316,11 +344,12 @@ class InferOptions:
     device: str = "cpu"
     precision: str = "fp32"
     overrides: Sequence[str] = ()
+    resume: bool = False
 
 
-def _check_before_loading(opts: InferOptions, inp: InferInput) -> None:
-    """Fail on an output folder that would overwrite the input, an unreadable single image or
-    a video with ``--coco-json`` before the model is loaded."""
+def _check_before_loading(opts: InferOptions, inp: InferInput, world_size: int) -> None:
+    """Fail on an output folder that would overwrite the input, an unreadable single image, a
+    video with ``--coco-json``, ``--resume`` or under ``torchrun`` before the model is loaded."""
     if opts.output and Path(opts.output).resolve() in {f.parent.resolve() for f in inp.files}:
         raise UsageError(f"--output {opts.output} is the input's folder; drawn files would overwrite the originals, "
                          "choose another folder")
@@ -331,40 +360,143 @@ def _check_before_loading(opts: InferOptions, inp: InferInput) -> None:
             raise UsageError(f"{e}; check the file is a valid image") from None
     if opts.coco_json is not None and inp.kind == "video":
         raise UsageError("--coco-json maps image file names to image ids; it does not apply to a video --input")
+    if inp.kind == "video" and world_size > 1:
+        raise UsageError(f"--input {opts.input} is a video, whose frames are not split over processes; run it in "
+                         "one process (python tools/infer.py, without torchrun)")
+    if opts.resume and (inp.kind == "video" or not opts.save_json):
+        raise UsageError("--resume continues the part files of an image run's --save-json; pass the stopped run's "
+                         "--save-json" + (" (a video is always run whole)" if inp.kind == "video" else ""))
+
+
+def _process_device(name: str, world_size: int) -> torch.device:
+    """``--device`` for this process: under ``torchrun``, ``cuda`` is the ``LOCAL_RANK`` GPU (an
+    index given is overridden, with a warning: NCCL needs one GPU per process)."""
+    device = resolve_device(name)
+    if world_size > 1 and device.type == "cuda":
+        local = torch.device("cuda", get_local_rank() % torch.cuda.device_count())
+        if device.index is not None and device != local:
+            _warn(f"--device {name}: under torchrun each process uses its LOCAL_RANK GPU; this one uses {local}")
+        device = local
+    return device
+
+
+def _on_rank0(fn: Callable[[], Any]) -> Any:
+    """``fn()`` run on rank 0 and its result sent to every process; its error (bad input or a file
+    that cannot be written) is raised on every process, so none waits for the others in vain."""
+    result = None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except (DetkitError, OSError) as e:
+            result = e
+    result = broadcast_object(result)
+    if isinstance(result, (DetkitError, OSError)):
+        raise result
+    return result
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What :func:`run_inference` resolved for the images: predictor, ids, output folder, rank."""
+
+    predictor: Predictor
+    image_ids: list[Optional[int]]
+    category_ids: Optional[list[int]]
+    out_dir: Optional[Path]
+    rank: int
+    world_size: int
+
+
+def _plan_parts(opts: InferOptions, files: list[Path], run: _Run) -> PartsPlan:
+    """Rank 0 sets up the parts folder of ``--save-json`` (refusing parts of another run or of
+    other settings, the same error on every process); every process gets the plan."""
+    names = [f.name for f in files]
+
+    def prepare() -> PartsPlan:
+        p = run.predictor
+        settings = run_settings(config_to_dict(p.cfg), opts.weights, opts.score_thresh, p.precision,
+                                opts.coco_json, names, p.class_names, run.category_ids)
+        return prepare_parts(parts_dir_for(opts.save_json), settings, names, opts.resume)
+
+    return _on_rank0(prepare)
+
+
+def _run_image_shards(opts: InferOptions, files: list[Path], run: _Run, plan: PartsPlan) -> tuple[list[dict], int]:
+    """Predict this process's share of the images that ``plan`` leaves, writing part files with
+    ``--save-json``; rank 0 then merges them into ``opts.save_json``. Returns the records (rank 0:
+    all of them when merged; otherwise this process's) and the number of unreadable images."""
+    names = [f.name for f in files]
+    parts_dir = parts_dir_for(opts.save_json) if opts.save_json else None
+    done_before = set(plan.done)
+    todo = shard_indices([i for i in range(len(files)) if i not in done_before], run.rank, run.world_size)
+    if plan.done and run.rank == 0:
+        print(f"--resume: {len(plan.done)} of {len(files)} images were done; predicting the other "
+              f"{len(files) - len(plan.done)}")
+    prefix = f"[rank {run.rank}/{run.world_size}] " if run.world_size > 1 else ""
+    records: list[dict] = []
+    with contextlib.ExitStack() as stack:
+        writer = stack.enter_context(PartWriter(part_path(parts_dir, plan.run, run.rank))) if parts_dir else None
+
+        def on_done(k: int, f: Path, recs: list[dict]) -> None:
+            if writer is not None:
+                writer.write(todo[k], f.name, recs)
+
+        done = run_images(run.predictor, [files[i] for i in todo], run.out_dir, opts.score_thresh, records,
+                          [run.image_ids[i] for i in todo], run.category_ids, on_done=on_done,
+                          strict=len(files) == 1, prefix=prefix)
+    counts = all_gather_object((done.done, len(done.skipped)))  # also waits for every process
+    finished, skipped = len(plan.done) + sum(c[0] for c in counts), sum(c[1] for c in counts)
+    if finished == 0:
+        if parts_dir is not None and run.rank == 0:
+            remove_parts(parts_dir)  # holds nothing to resume
+        raise UsageError(f"--input {opts.input}: none of the {len(files)} images could be read")
+    if parts_dir is not None and run.rank == 0:
+        records, _ = merge_parts(parts_dir, names)
+        path = write_json_atomic(opts.save_json, records)
+        remove_parts(parts_dir)
+        print(f"wrote {len(records)} detections to {path}")
+    return records, skipped
 
 
 def run_inference(opts: InferOptions) -> list[dict]:
     """Run inference as ``opts`` says: draw into ``opts.output``, write ``opts.save_json``.
 
-    Returns the COCO results records (written to ``opts.save_json`` when set).
+    Under ``torchrun`` this process joins the process group (left for
+    :func:`detkit.cli.run_cli` to tear down) and predicts its share of the images. Returns the
+    COCO results records: all of them on rank 0 (as written to ``opts.save_json`` when set),
+    this process's share on the others.
     """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     inp = list_input(Path(opts.input))
-    _check_before_loading(opts, inp)
+    _check_before_loading(opts, inp, world)
     coco = read_coco_json(Path(opts.coco_json)) if opts.coco_json is not None else None
-    image_ids = None
+    image_ids: list[Optional[int]] = []
     if inp.kind == "images":
         image_ids = image_ids_for(inp.files, None if coco is None else coco.image_ids, opts.coco_json)
-    predictor = build_predictor(opts.config, opts.overrides, opts.weights, opts.device, opts.precision)
+    device = _process_device(opts.device, world)
+    if world > 1:
+        init_distributed(device)
+    rank = get_rank()
+    predictor = build_predictor(opts.config, opts.overrides, opts.weights, str(device), opts.precision)
     cats = resolve_category_ids(predictor.classes, None if coco is None else coco.category_ids)
-    if opts.save_json:
-        print(f"category_id of the records: {cats.source}", file=sys.stderr)
-    if opts.output is None and opts.save_json is None:
-        print("note: neither --output nor --save-json given; only printing detection counts", file=sys.stderr)
     out_dir = Path(opts.output) if opts.output else None
+    run = _Run(predictor, image_ids, cats.ids, out_dir, rank, world)
+    plan = _plan_parts(opts, inp.files, run) if inp.kind == "images" and opts.save_json else PartsPlan(0)
+    if opts.save_json and rank == 0:
+        print(f"category_id of the records: {cats.source}", file=sys.stderr)
+    if opts.output is None and opts.save_json is None and rank == 0:
+        print("note: neither --output nor --save-json given; only printing detection counts", file=sys.stderr)
     records: list[dict] = []
-    skipped: list[str] = []
+    skipped = 0
     if inp.kind == "video":
         run_video(predictor, inp.files[0], out_dir, opts.score_thresh, records, cats.ids)
+        if opts.save_json:
+            path = write_json_atomic(opts.save_json, records)
+            print(f"wrote {len(records)} detections to {path}")
     else:
-        done = run_images(predictor, inp.files, out_dir, opts.score_thresh, records, image_ids, cats.ids)
-        if done.done == 0:
-            raise UsageError(f"--input {opts.input}: none of the {len(inp.files)} images could be read")
-        skipped = done.skipped
-    if opts.save_json:
-        path = write_json_atomic(opts.save_json, records)
-        print(f"wrote {len(records)} detections to {path}")
-    if out_dir is not None:
+        records, skipped = _run_image_shards(opts, inp.files, run, plan)
+    if out_dir is not None and rank == 0:
         print(f"drawn output in {out_dir}")
-    if skipped:
-        _warn(f"skipped {len(skipped)} unreadable image(s)")
+    if skipped and rank == 0:
+        _warn(f"skipped {skipped} unreadable image(s)")
     return records

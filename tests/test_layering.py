@@ -21,7 +21,7 @@ LAYER = {
     "checkpoint": 4, "speed": 4,
     "export": 5, "predictor": 5,
     "engine": 6,
-    "analysis": 7, "infer": 7, "benchmark": 7,
+    "analysis": 7, "infer": 7, "benchmark": 7, "serve": 7, "infer_parts": 6,
     "cli": 8,
 }
 

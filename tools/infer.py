@@ -30,6 +30,11 @@ EPILOG = """examples:
   # a video on the GPU in bfloat16, with a config override
   python tools/infer.py --config runs/mine/config.yaml --weights best.pth --input clip.mp4 \\
       --output drawn/ --device cuda --precision bf16 input.min_size_test=640
+  # a large folder on 8 GPUs (or CPU processes with --device cpu): each process predicts a share
+  torchrun --nproc_per_node 8 tools/infer.py --config runs/mine/config.yaml --weights best.pth \\
+      --input big/images --device cuda --score-thresh 0 --save-json big/results.json
+  # the same command after it was stopped (any number of processes): skip the images already done
+  torchrun --nproc_per_node 8 tools/infer.py ... --save-json big/results.json --resume
 
 --save-json records: image_id (the --coco-json file's id of the image's file name; without it, the
 image's position in the sorted input, or the frame number of a video), category_id (the data's id
@@ -38,6 +43,13 @@ annotation files; else, with --coco-json, that file's category ids in sorted ord
 number equals the model's classes; else label + 1),
 bbox [x, y, w, h] in pixels, score, segmentation (compressed RLE, Mask R-CNN), plus file_name,
 label and category_name, which COCO tools ignore.
+
+With --save-json, each finished image is also appended to a part file in <save-json>.parts/ at
+once; --resume continues a stopped run from there (same settings required). Under torchrun the
+images are split over the processes (NCCL with --device cuda: each uses its LOCAL_RANK GPU; Gloo
+with --device cpu), each draws its own share into --output, and rank 0 merges the parts into
+--save-json in input order (the same records as one process writes) and deletes the folder. Put
+--save-json on a filesystem every process sees. A video runs in one process only.
 """
 
 
@@ -62,6 +74,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "the results go straight into COCOeval with it; images it does not list get no records")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="inference precision")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a stopped run from the part files of its --save-json (<save-json>.parts/), "
+                        "skipping the images already done")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input.min_size_test=640")
     return p.parse_args(argv)
 
@@ -74,7 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run_inference(InferOptions(
         config=args.config, input=args.input, weights=args.weights, output=args.output,
         score_thresh=args.score_thresh, save_json=args.save_json, coco_json=args.coco_json,
-        device=args.device, precision=args.precision, overrides=tuple(args.overrides),
+        device=args.device, precision=args.precision, overrides=tuple(args.overrides), resume=args.resume,
     ))
     return 0
 
