@@ -161,6 +161,20 @@ def read_image(path: PathLike) -> np.ndarray:
         raise ImageReadError(path, "is a directory, not an image file") from None
     except OSError as e:
         raise ImageReadError(path, f"cannot open file ({e.strerror or e})") from None
+    return decode_image_bytes(data, path)
+
+
+def decode_image_bytes(data: np.ndarray, path: PathLike) -> np.ndarray:
+    """Decode an image file's bytes as :func:`read_image` does: ``uint8`` RGB ``[H, W, 3]``, EXIF
+    orientation applied, gray / alpha / 16-bit converted.
+
+    Args:
+        data: uint8 [N], the whole file.
+        path: what the bytes are, for messages (a file name, or e.g. ``"<upload>"``).
+
+    Raises:
+        ImageReadError: empty, truncated, corrupt or unsupported data.
+    """
     if data.size == 0:
         raise ImageReadError(path, "empty file")
     reason = _check_complete(data)
