@@ -2,8 +2,10 @@
 
 With raw random weights Detectron2's RPN keeps a handful of proposals, which proves nothing. One
 forward pass over the compared images sets every FrozenBN from the statistics of its own input and
-spreads the RPN objectness, box classifier, box deltas and mask logits, so there are tens of varied
-detections per image. It only changes the weights; the comparison itself is in parity_detectron2.py.
+spreads the RPN objectness, box classifier, box deltas and mask logits (each stage's classifier and deltas
+for Cascade R-CNN, the last stage's background set so that the stage-averaged scores keep tens of
+detections), so there are tens of varied detections per image. It only changes the weights; the
+comparison itself is in parity_detectron2.py.
 """
 
 from __future__ import annotations
@@ -44,16 +46,23 @@ def _scaled_projection(mod: nn.Module, x: torch.Tensor, target_std: float, gen: 
     return out * scale.view(1, -1, *([1] * (out.dim() - 2)))
 
 
-def _background_bias(fg_logits: list[torch.Tensor], thresh: float, target: float) -> float:
+def _background_bias(fg_logits: list[torch.Tensor], thresh: float, target: float,
+                     earlier: Optional[list[torch.Tensor]] = None, num_stages: int = 1) -> float:
     """Background logit (the same for every RoI) at which the image with the fewest (roi, class)
-    pairs scoring above ``thresh`` has ``target`` of them; ``fg_logits``: [R_i, K] per image."""
+    pairs scoring above ``thresh`` has ``target`` of them; ``fg_logits``: [R_i, K] per image.
+
+    Cascade R-CNN scores are the mean of ``num_stages`` stages' probabilities: ``earlier`` [R_i, K] per
+    image is the sum of the earlier stages' foreground probabilities, and the count is taken on
+    ``(earlier + this stage's probabilities) / num_stages``."""
     lo, hi = -30.0, 60.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        counts = [
-            float(((f - torch.logaddexp(torch.logsumexp(f, 1, keepdim=True), torch.tensor(mid))).exp() > thresh).sum())
-            for f in fg_logits
-        ]
+        counts = []
+        for i, f in enumerate(fg_logits):
+            prob = (f - torch.logaddexp(torch.logsumexp(f, 1, keepdim=True), torch.tensor(mid))).exp()
+            if earlier is not None:
+                prob = (earlier[i] + prob) / num_stages
+            counts.append(float((prob > thresh).sum()))
         lo, hi = (mid, hi) if min(counts) > target else (lo, mid)
     return (lo + hi) / 2
 
@@ -98,25 +107,37 @@ def calibrate_d2(model: nn.Module, images_bgr: list[np.ndarray], seed: int, min_
         once("rpn_objectness", lambda m, x: _scaled_projection(m, x, 1.5, gen))))
     hooks.append(rpn.anchor_deltas.register_forward_pre_hook(
         once("rpn_deltas", lambda m, x: _scaled_projection(m, x, 0.1, gen))))
-    pred = model.roi_heads.box_predictor
-    num_classes = pred.num_classes
+    # one box predictor, or one per stage (CascadeROIHeads: a ModuleList, each stage calibrated alike)
+    box_pred = model.roi_heads.box_predictor
+    preds = list(box_pred) if isinstance(box_pred, nn.ModuleList) else [box_pred]
+    num_classes = preds[0].num_classes
 
     rois_per_image: list[int] = []
     hooks.append(model.proposal_generator.register_forward_hook(
         lambda m, i, out: rois_per_image.extend(len(p) for p in out[0])))
 
-    def cls_hook(m: nn.Module, x: torch.Tensor) -> None:
-        x = x.flatten(1)  # [R, C], the RoIs of each image in turn
-        image_means = torch.stack([part.mean(0) for part in x.split(rois_per_image)])  # [N, C]
-        logits = _scaled_projection(m, x, cls_std, gen, blind_to=image_means)  # [R, K + 1], background last
-        m.bias[:num_classes].copy_(_rand((num_classes,), gen) * 0.5)
-        m.weight[num_classes].zero_()  # background logit = its bias, the same for every RoI
-        fg = logits[:, :num_classes] + m.bias[:num_classes]
-        m.bias[num_classes] = _background_bias(list(fg.split(rois_per_image)), pred.test_score_thresh, min_pairs)
+    earlier: list[torch.Tensor] = []  # cascade: per image, the sum of the calibrated stages' fg probabilities
 
-    hooks.append(pred.cls_score.register_forward_pre_hook(once("box_cls", cls_hook)))
-    hooks.append(pred.bbox_pred.register_forward_pre_hook(
-        once("box_deltas", lambda m, x: _scaled_projection(m, x.flatten(1), 0.5, gen))))
+    def cls_hook(stage: int) -> Callable[[nn.Module, torch.Tensor], None]:
+        def hook(m: nn.Module, x: torch.Tensor) -> None:
+            x = x.flatten(1)  # [R, C], the RoIs of each image in turn (every cascade stage keeps all rows at test)
+            image_means = torch.stack([part.mean(0) for part in x.split(rois_per_image)])  # [N, C]
+            logits = _scaled_projection(m, x, cls_std, gen, blind_to=image_means)  # [R, K + 1], background last
+            m.bias[:num_classes].copy_(_rand((num_classes,), gen) * 0.5)
+            m.weight[num_classes].zero_()  # background logit = its bias, the same for every RoI
+            fg = list((logits[:, :num_classes] + m.bias[:num_classes]).split(rois_per_image))
+            last = len(preds) > 1 and stage == len(preds) - 1  # the averaged scores get the target count
+            m.bias[num_classes] = _background_bias(fg, preds[0].test_score_thresh, min_pairs,
+                                                   earlier if last else None, len(preds))
+            probs = [(f - torch.logaddexp(torch.logsumexp(f, 1, keepdim=True), m.bias[num_classes])).exp() for f in fg]
+            earlier[:] = probs if not earlier else [a + b for a, b in zip(earlier, probs)]
+        return hook
+
+    stage_keys = [""] if len(preds) == 1 else [f"_stage{k}" for k in range(len(preds))]
+    for stage, (pred, key) in enumerate(zip(preds, stage_keys)):
+        hooks.append(pred.cls_score.register_forward_pre_hook(once("box_cls" + key, cls_hook(stage))))
+        hooks.append(pred.bbox_pred.register_forward_pre_hook(
+            once("box_deltas" + key, lambda m, x: _scaled_projection(m, x.flatten(1), 0.5, gen))))
     if getattr(model.roi_heads, "mask_on", False):
 
         def mask_hook(m: nn.Module, x: torch.Tensor) -> None:
@@ -129,8 +150,8 @@ def calibrate_d2(model: nn.Module, images_bgr: list[np.ndarray], seed: int, min_
     for h in hooks:
         h.remove()
     done["calibration_detections"] = [len(o["instances"]) for o in outs]
-    expected = {"rpn_objectness", "rpn_deltas", "box_cls", "box_deltas"} | (
-        {"mask_logits"} if getattr(model.roi_heads, "mask_on", False) else set())
+    expected = {"rpn_objectness", "rpn_deltas"} | {f"box_{what}{key}" for what in ("cls", "deltas") for key in stage_keys}
+    expected |= {"mask_logits"} if getattr(model.roi_heads, "mask_on", False) else set()
     if not expected <= set(done):
         raise RuntimeError(f"calibration did not reach {sorted(expected - set(done))}")
     return done

@@ -1,4 +1,4 @@
-"""detkit vs Detectron2 itself on the eight COCO model-zoo R-CNNs, with the same random weights.
+"""detkit vs Detectron2 itself on the ten COCO model-zoo R-CNNs (Cascade Mask R-CNN included), same random weights.
 
 Detectron2 is not on the package index: build it from source into its own virtual environment
 (a CPU build works) and run this script with that environment's Python::
@@ -6,7 +6,7 @@ Detectron2 is not on the package index: build it from source into its own virtua
     python -m venv --system-site-packages /work/d2venv      # reuses the system torch / torchvision
     /work/d2venv/bin/pip install fvcore iopath pycocotools omegaconf hydra-core ...
     FORCE_CUDA=0 /work/d2venv/bin/pip install --no-build-isolation --no-deps -e <detectron2 source>
-    /work/d2venv/bin/python benchmarks/parity_detectron2.py                       # all eight, 4 images
+    /work/d2venv/bin/python benchmarks/parity_detectron2.py                       # all ten, 4 images
     /work/d2venv/bin/python benchmarks/parity_detectron2.py --models faster_rcnn_R_50_FPN_1x --images 2
 
 For each model the script
@@ -73,10 +73,15 @@ MODELS = tuple(
     f"{arch}_rcnn_{net}"
     for arch in ("faster", "mask")
     for net in ("R_50_FPN_1x", "R_50_FPN_3x", "R_101_FPN_3x", "X_101_32x8d_FPN_3x")
-)
+) + ("cascade_mask_rcnn_R_50_FPN_1x", "cascade_mask_rcnn_R_50_FPN_3x")  # appended: the others keep their seeds
 MATCH_IOU = 0.99
-SCORE_THRESH = 0.05  # Detectron2's ROI_HEADS.SCORE_THRESH_TEST in all eight configs
+SCORE_THRESH = 0.05  # Detectron2's ROI_HEADS.SCORE_THRESH_TEST in all ten configs
 NEAR_THRESH = 1e-3  # an unmatched detection this close to SCORE_THRESH is a threshold flip
+
+
+def has_masks(name: str) -> bool:
+    """Mask R-CNN and Cascade Mask R-CNN zoo names."""
+    return name.startswith(("mask_rcnn", "cascade_mask_rcnn"))
 
 
 @dataclass
@@ -97,7 +102,10 @@ def build_d2(name: str, seed: int) -> tuple[nn.Module, object]:
     from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    folder = "COCO-InstanceSegmentation" if name.startswith("mask") else "COCO-Detection"
+    if name.startswith("cascade"):
+        folder = "Misc"  # Detectron2 keeps its Cascade R-CNN configs there
+    else:
+        folder = "COCO-InstanceSegmentation" if name.startswith("mask") else "COCO-Detection"
     cfg = get_cfg()
     cfg.merge_from_file(model_zoo.get_config_file(f"{folder}/{name}.yaml"))
     cfg.MODEL.DEVICE = "cpu"
@@ -356,7 +364,7 @@ def main() -> None:
                     help=f"subset of {', '.join(MODELS)}")
     ap.add_argument("--images", type=int, default=4, help="number of coco128 images (sorted by name)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    ap.add_argument("--seed", type=int, default=0, help="base seed; the i-th of the eight models (in the default order) uses seed + i")
+    ap.add_argument("--seed", type=int, default=0, help="base seed; the i-th of the ten models (in the default order) uses seed + i")
     ap.add_argument("--stages", action="store_true", help="also compare input / features / proposals on image 1")
     ap.add_argument("--resize-control", action="store_true",
                     help="also run Detectron2 on detkit's resized pixels (mode d2-on-dk-pixels): how much the "
@@ -397,7 +405,7 @@ def main() -> None:
             notes += model_notes
             for mode, t in tallies.items():
                 row = {"model": name, "mode": mode, **t.row(),
-                       "result": "PASS" if t.passed(name.startswith("mask")) else "FAIL", "time": f"{secs:.0f}s"}
+                       "result": "PASS" if t.passed(has_masks(name)) else "FAIL", "time": f"{secs:.0f}s"}
                 rows.append(row)
                 print(" | ".join(f"{k}={v}" for k, v in row.items()), flush=True)
                 if t.resize_note:

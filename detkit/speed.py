@@ -41,7 +41,7 @@ from .layers.inference import Cast, InferenceConv2d, PackedLinear
 from .machine import bf16_supported, mkldnn_linear_available  # (re-exported: part of this API)
 from .models.backbones.resnet import BasicBlock, Bottleneck, Stem
 from .models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
-from .models.roi_heads import FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
+from .models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
 from .models.rpn import RPNHead
 from .ops.roi_align_nhwc import roi_align_nhwc, roi_align_nhwc_into
 
@@ -267,6 +267,13 @@ def _roi_heads(c: _Converter, m: StandardROIHeads) -> nn.Module:
     return c.generic(m)
 
 
+def _cascade_roi_heads(c: _Converter, m: CascadeROIHeads) -> nn.Module:
+    for k, head in enumerate(m.box_head):  # every stage reads channels-last RoI features
+        if isinstance(head, FastRCNNConvFCHead) and len(head.fcs):
+            m.box_head[k] = FusedFCHead(head, m.box_pooler.output_size[0], c)
+    return c.generic(m)
+
+
 def _fc_head(c: _Converter, m: FastRCNNConvFCHead) -> nn.Module:
     c.children(m.convs)
     for i, fc in enumerate(m.fcs):  # its forward applies relu(fc(x)) to each fc
@@ -296,6 +303,7 @@ _CONVERSIONS: dict[Union[type, tuple[type, ...]], Callable[[_Converter, Any], nn
     ConvNormAct: _conv_norm_act,
     RPNHead: _rpn_head,
     StandardROIHeads: _roi_heads,
+    CascadeROIHeads: _cascade_roi_heads,
     FastRCNNConvFCHead: _fc_head,
     FastRCNNPredictor: _box_predictor,
     MultiScaleRoIAlign: _pooler,

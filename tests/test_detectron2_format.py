@@ -360,7 +360,7 @@ def test_anchors_unrounded_with_offset_zero(built_mask_r50) -> None:
     assert abs(got[0][0, 0].item() + math.sqrt(2048) / 2) < 1e-4
 
 
-def test_eight_configs_reproduce_detectron2_settings() -> None:
+def test_zoo_configs_reproduce_detectron2_settings() -> None:
     expected = {
         "faster_rcnn_R_50_FPN_1x": ("faster_rcnn", "resnet50", True, 90000),
         "faster_rcnn_R_50_FPN_3x": ("faster_rcnn", "resnet50", True, 270000),
@@ -370,6 +370,8 @@ def test_eight_configs_reproduce_detectron2_settings() -> None:
         "mask_rcnn_R_50_FPN_3x": ("mask_rcnn", "resnet50", True, 270000),
         "mask_rcnn_R_101_FPN_3x": ("mask_rcnn", "resnet101", True, 270000),
         "mask_rcnn_X_101_32x8d_FPN_3x": ("mask_rcnn", "resnext101_32x8d", False, 270000),
+        "cascade_mask_rcnn_R_50_FPN_1x": ("mask_rcnn", "resnet50", True, 90000),
+        "cascade_mask_rcnn_R_50_FPN_3x": ("mask_rcnn", "resnet50", True, 270000),
     }
     assert sorted(p.stem for p in CONFIGS.glob("*.yaml")) == sorted(expected)
     for name, (arch, net, stride_in_1x1, iters) in expected.items():
@@ -380,6 +382,7 @@ def test_eight_configs_reproduce_detectron2_settings() -> None:
         assert m.input_format == "BGR" and m.pixel_mean == (103.53, 116.28, 123.675), name
         assert m.pixel_std == ((57.375, 57.12, 58.395) if net.startswith("resnext") else (1.0, 1.0, 1.0)), name
         assert m.backbone.norm == "FrozenBN" and m.num_classes is None, name
+        assert m.roi_heads.name == ("cascade" if name.startswith("cascade") else "standard"), name
         assert (m.anchors.offset, m.anchors.round_base) == (0.0, False)
         for head in (m.roi_heads.box_head, m.roi_heads.mask_head):
             assert (head.pooler_aligned, head.pooler_sampling_ratio) == (True, 0)

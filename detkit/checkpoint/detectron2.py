@@ -10,7 +10,7 @@
 * :data:`DETECTRON2` recognizes Detectron2's key names and :func:`convert_detectron2` renames them to
   detkit's.
 
-Key mapping (Faster / Mask R-CNN with a ResNet-FPN backbone):
+Key mapping (Faster / Mask R-CNN and Cascade (Mask) R-CNN with a ResNet-FPN backbone):
 
 ====================================================  ================================================
 Detectron2                                            detkit
@@ -28,6 +28,9 @@ Detectron2                                            detkit
 ``roi_heads.box_predictor.cls_score`` / ``bbox_pred``  same names and values
 ``roi_heads.mask_head.mask_fcn{k}`` (``.norm``)       ``roi_heads.mask_head.convs.{k-1}.conv`` (``.norm``)
 ``roi_heads.mask_head.deconv`` / ``predictor``        same names and values
+``roi_heads.box_head.{s}.fc{k}`` (Cascade stage s)    ``roi_heads.box_head.{s}.fcs.{k-1}``
+``roi_heads.box_head.{s}.conv{k}`` (``.norm``)        ``roi_heads.box_head.{s}.convs.{k-1}.conv`` (``.norm``)
+``roi_heads.box_predictor.{s}.cls_score`` / ``bbox_pred``  same names and values (class-agnostic: 4 rows)
 ``pixel_mean``, ``pixel_std``,                        not weights: left out (the config sets them; Detectron2
 ``proposal_generator.anchor_generator.cell_anchors.*``  itself no longer saves or loads them)
 ====================================================  ================================================
@@ -267,8 +270,9 @@ _STEM = re.compile(_RESNET_PREFIX + r"stem\.conv1\.(?:norm\.)?" + r"(.+)$")
 _BLOCK = re.compile(_RESNET_PREFIX + r"(res[2-5]\.\d+)\.(conv\d|shortcut)\.(norm\.)?(.+)$")
 _FPN = re.compile(r"^backbone\.fpn_(lateral|output)(\d)\.(norm\.)?(.+)$")
 _RPN_CONV = re.compile(r"^proposal_generator\.rpn_head\.conv\.(?:conv(\d+)\.)?(weight|bias)$")
-_HEAD_CONV = re.compile(r"^roi_heads\.(box_head\.conv|mask_head\.mask_fcn)(\d+)\.(norm\.)?(.+)$")
-_BOX_FC = re.compile(r"^roi_heads\.box_head\.fc(\d+)\.(weight|bias)$")
+# the box head's stage index ``{s}.`` is there for Cascade R-CNN only
+_HEAD_CONV = re.compile(r"^roi_heads\.(box_head\.(?:\d+\.)?conv|mask_head\.mask_fcn)(\d+)\.(norm\.)?(.+)$")
+_BOX_FC = re.compile(r"^roi_heads\.box_head\.(\d+\.)?fc(\d+)\.(weight|bias)$")
 _NOT_WEIGHTS = re.compile(r"^(pixel_mean|pixel_std|proposal_generator\.anchor_generator\.cell_anchors\.\d+)$")
 _RENAMED = {
     "proposal_generator.rpn_head.objectness_logits.": "rpn.head.objectness.",
@@ -291,7 +295,7 @@ def _resnet_name(key: str) -> str | None:
 
 
 def convert_detectron2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Rename a Detectron2 Faster / Mask R-CNN ResNet-FPN state dict (or a Detectron2 ResNet's) to detkit keys.
+    """Rename a Detectron2 (Cascade) Faster / Mask R-CNN ResNet-FPN state dict (or a ResNet's) to detkit keys.
 
     Args:
         state_dict: Detectron2 names, e.g. the ``"model"`` of :func:`read_detectron2_pkl` or of a
@@ -320,10 +324,11 @@ def convert_detectron2(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
             new = f"rpn.head.convs.{int(idx or 0)}.{leaf}"
         elif m := _HEAD_CONV.match(key):
             head, idx, norm, leaf = m.groups()
-            head = head.split(".")[0]
+            head = head.rsplit(".", 1)[0]  # "box_head", "box_head.{s}" or "mask_head"
             new = f"roi_heads.{head}.convs.{int(idx) - 1}.{'norm' if norm else 'conv'}.{leaf}"
         elif m := _BOX_FC.match(key):
-            new = f"roi_heads.box_head.fcs.{int(m.group(1)) - 1}.{m.group(2)}"
+            stage, idx, leaf = m.groups()
+            new = f"roi_heads.box_head.{stage or ''}fcs.{int(idx) - 1}.{leaf}"
         else:
             new = key
             for old_prefix, new_prefix in _RENAMED.items():

@@ -125,7 +125,32 @@ class MaskHeadConfig(_Strict):
     pooler_aligned: bool = True
 
 
+class CascadeConfig(_Strict):
+    """The stages of ``roi_heads.name: cascade`` (Detectron2's MODEL.ROI_BOX_CASCADE_HEAD): stage k matches
+    its input boxes to the GT at ``iou_thresholds[k]`` and encodes its box targets with ``bbox_reg_weights[k]``."""
+
+    iou_thresholds: list[float] = [0.5, 0.6, 0.7]
+    bbox_reg_weights: list[tuple[float, float, float, float]] = [
+        (10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0)]
+
+    @model_validator(mode="after")
+    def _one_entry_per_stage(self) -> "CascadeConfig":
+        n, m = len(self.iou_thresholds), len(self.bbox_reg_weights)
+        if n == 0 or n != m:
+            raise ValueError(f"iou_thresholds has {n} stages but bbox_reg_weights has {m}; give both one entry "
+                             "per cascade stage, e.g. iou_thresholds=[0.5,0.6,0.7] with three weight lists")
+        if any(not 0.0 < t <= 1.0 for t in self.iou_thresholds):
+            raise ValueError(f"iou_thresholds={self.iou_thresholds}: each stage's IoU threshold must be in (0, 1]")
+        if any(w <= 0 for ws in self.bbox_reg_weights for w in ws):
+            raise ValueError(f"bbox_reg_weights={[list(w) for w in self.bbox_reg_weights]}: weights must be > 0")
+        return self
+
+
 class ROIHeadsConfig(_Strict):
+    # "standard": one box stage (Faster / Mask R-CNN); "cascade": Cascade R-CNN's stages (see ``cascade``),
+    # each with its own 2fc/4conv1fc box head and a class-agnostic predictor (Detectron2's CascadeROIHeads)
+    name: Literal["standard", "cascade"] = "standard"
+    cascade: CascadeConfig = CascadeConfig()
     in_features: list[str] = ["p2", "p3", "p4", "p5"]
     batch_size_per_image: int = 512
     positive_fraction: float = 0.25
@@ -138,6 +163,19 @@ class ROIHeadsConfig(_Strict):
     canonical_level: int = 4
     box_head: BoxHeadConfig = BoxHeadConfig()
     mask_head: MaskHeadConfig = MaskHeadConfig()
+
+    @model_validator(mode="after")
+    def _cascade_settings(self) -> "ROIHeadsConfig":
+        if self.name != "cascade":
+            return self
+        if not self.box_head.cls_agnostic_bbox_reg:
+            raise ValueError("name=cascade needs box_head.cls_agnostic_bbox_reg=true (every cascade stage regresses "
+                             "one box for all classes), got false; set model.roi_heads.box_head.cls_agnostic_bbox_reg: "
+                             "true")
+        if self.iou_threshold != self.cascade.iou_thresholds[0]:
+            raise ValueError(f"name=cascade: iou_threshold={self.iou_threshold} differs from the first stage's "
+                             f"cascade.iou_thresholds[0]={self.cascade.iou_thresholds[0]}; make them equal")
+        return self
 
 
 class ModelConfig(_Strict):

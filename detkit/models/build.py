@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from typing import Union
+
 from ..config.schema import DetectionConfig, ModelConfig
 from .anchors import AnchorGenerator
 from .backbones.resnet import build_resnet
@@ -12,6 +14,7 @@ from .matcher import Matcher
 from .necks.fpn import FPN, BackboneWithFPN
 from .poolers import MultiScaleRoIAlign
 from .roi_heads.box_head import FastRCNNConvFCHead, FastRCNNPredictor
+from .roi_heads.cascade import CascadeROIHeads
 from .roi_heads.mask_head import MaskRCNNHead
 from .roi_heads.standard import StandardROIHeads
 from .rpn import RPN, RPNHead
@@ -100,8 +103,16 @@ def _box_head(cfg: ModelConfig, in_channels: int) -> FastRCNNConvFCHead:
     return FastRCNNConvFCHead(in_channels, h.pooler_resolution, conv_dims=conv_dims, fc_dims=fc_dims, norm=h.norm)
 
 
-def build_roi_heads(cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: int) -> StandardROIHeads:
-    """Box head (and mask head for ``mask_rcnn``) from ``model.roi_heads``."""
+def build_roi_heads(
+    cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: int
+) -> Union[StandardROIHeads, CascadeROIHeads]:
+    """Box head(s) (and mask head for ``mask_rcnn``) from ``model.roi_heads``.
+
+    ``roi_heads.name: standard`` builds :class:`StandardROIHeads`; ``cascade`` builds
+    :class:`CascadeROIHeads` with one box head, class-agnostic predictor, box coder
+    (``cascade.bbox_reg_weights[k]``) and matcher (``cascade.iou_thresholds[k]``, no low-quality
+    matches) per stage; ``box_head.bbox_reg_weights`` is then unused.
+    """
     rh = cfg.roi_heads
     bh, mh = rh.box_head, rh.mask_head
     specs = _specs_for(backbone, rh.in_features, "roi_heads.in_features")
@@ -114,7 +125,6 @@ def build_roi_heads(cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: in
         bh.pooler_resolution, scales, bh.pooler_sampling_ratio, bh.pooler_aligned,
         canonical_box_size=rh.canonical_box_size, canonical_level=rh.canonical_level,
     )
-    box_head = _box_head(cfg, in_channels)
     mask_pooler = mask_head = None
     if cfg.meta_architecture == "mask_rcnn":
         mask_pooler = MultiScaleRoIAlign(
@@ -122,12 +132,7 @@ def build_roi_heads(cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: in
             canonical_box_size=rh.canonical_box_size, canonical_level=rh.canonical_level,
         )
         mask_head = MaskRCNNHead(in_channels, num_classes, conv_dims=(mh.conv_dim,) * mh.num_conv, norm=mh.norm)
-    return StandardROIHeads(
-        box_pooler=box_pooler,
-        box_head=box_head,
-        box_predictor=FastRCNNPredictor(box_head.output_dim, num_classes, cls_agnostic=bh.cls_agnostic_bbox_reg),
-        box_coder=BoxCoder(bh.bbox_reg_weights),
-        proposal_matcher=Matcher([rh.iou_threshold], [0, 1], allow_low_quality_matches=False),
+    common = dict(
         batch_size_per_image=rh.batch_size_per_image,
         positive_fraction=rh.positive_fraction,
         score_thresh=rh.score_thresh_test,
@@ -135,15 +140,37 @@ def build_roi_heads(cfg: ModelConfig, backbone: BackboneWithFPN, num_classes: in
         detections_per_image=rh.detections_per_image,
         min_box_size=rh.min_box_size_test,
         smooth_l1_beta=bh.smooth_l1_beta,
-        cls_agnostic_bbox_reg=bh.cls_agnostic_bbox_reg,
         mask_pooler=mask_pooler,
         mask_head=mask_head,
         in_features=rh.in_features,
     )
+    if rh.name == "cascade":
+        if not bh.cls_agnostic_bbox_reg:  # the schema refuses it; models built from code reach here
+            raise ValueError("model.roi_heads.box_head.cls_agnostic_bbox_reg must be true with roi_heads.name=cascade")
+        stages = list(zip(rh.cascade.iou_thresholds, rh.cascade.bbox_reg_weights))
+        heads = [_box_head(cfg, in_channels) for _ in stages]
+        return CascadeROIHeads(
+            box_pooler=box_pooler,
+            box_heads=heads,
+            box_predictors=[FastRCNNPredictor(h.output_dim, num_classes, cls_agnostic=True) for h in heads],
+            box_coders=[BoxCoder(weights) for _, weights in stages],
+            proposal_matchers=[Matcher([iou], [0, 1], allow_low_quality_matches=False) for iou, _ in stages],
+            **common,
+        )
+    box_head = _box_head(cfg, in_channels)
+    return StandardROIHeads(
+        box_pooler=box_pooler,
+        box_head=box_head,
+        box_predictor=FastRCNNPredictor(box_head.output_dim, num_classes, cls_agnostic=bh.cls_agnostic_bbox_reg),
+        box_coder=BoxCoder(bh.bbox_reg_weights),
+        proposal_matcher=Matcher([rh.iou_threshold], [0, 1], allow_low_quality_matches=False),
+        cls_agnostic_bbox_reg=bh.cls_agnostic_bbox_reg,
+        **common,
+    )
 
 
 def build_detector(cfg: DetectionConfig, num_classes: int) -> TwoStageDetector:
-    """Build Faster/Mask R-CNN from ``cfg.model`` with ``num_classes`` foreground classes.
+    """Build Faster/Mask R-CNN (or their Cascade versions) from ``cfg.model`` with ``num_classes`` foreground classes.
 
     Builds only: the model has its fresh initialization. ``model.backbone.weights`` and
     ``model.weights`` are loaded afterwards by :func:`detkit.checkpoint.load_initial_weights`.
