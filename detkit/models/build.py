@@ -125,6 +125,9 @@ def build_roi_heads(
         bh.pooler_resolution, scales, bh.pooler_sampling_ratio, bh.pooler_aligned,
         canonical_box_size=rh.canonical_box_size, canonical_level=rh.canonical_level,
     )
+    # the box heads are made before the mask head: the order of the random initialization (seeded runs)
+    num_box_heads = len(rh.cascade.iou_thresholds) if rh.name == "cascade" else 1
+    box_heads = [_box_head(cfg, in_channels) for _ in range(num_box_heads)]
     mask_pooler = mask_head = None
     if cfg.meta_architecture == "mask_rcnn":
         mask_pooler = MultiScaleRoIAlign(
@@ -148,16 +151,15 @@ def build_roi_heads(
         if not bh.cls_agnostic_bbox_reg:  # the schema refuses it; models built from code reach here
             raise ValueError("model.roi_heads.box_head.cls_agnostic_bbox_reg must be true with roi_heads.name=cascade")
         stages = list(zip(rh.cascade.iou_thresholds, rh.cascade.bbox_reg_weights))
-        heads = [_box_head(cfg, in_channels) for _ in stages]
         return CascadeROIHeads(
             box_pooler=box_pooler,
-            box_heads=heads,
-            box_predictors=[FastRCNNPredictor(h.output_dim, num_classes, cls_agnostic=True) for h in heads],
+            box_heads=box_heads,
+            box_predictors=[FastRCNNPredictor(h.output_dim, num_classes, cls_agnostic=True) for h in box_heads],
             box_coders=[BoxCoder(weights) for _, weights in stages],
             proposal_matchers=[Matcher([iou], [0, 1], allow_low_quality_matches=False) for iou, _ in stages],
             **common,
         )
-    box_head = _box_head(cfg, in_channels)
+    (box_head,) = box_heads
     return StandardROIHeads(
         box_pooler=box_pooler,
         box_head=box_head,
