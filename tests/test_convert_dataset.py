@@ -6,7 +6,6 @@ end to end (one subprocess)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import shutil
@@ -430,23 +429,23 @@ def test_bad_input_is_named_skipped_and_counted(case: str, tmp_path: Path) -> No
     assert "\n" not in str(err.value) and not (tmp_path / "strict.json").exists()
 
 
-def _tool_main() -> Callable:
-    spec = importlib.util.spec_from_file_location("convert_dataset_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
-
-
-def test_tool_strict_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+def test_strict_exits_2_with_one_line(tmp_path: Path, capsys) -> None:
+    """convert_dataset under run_cli, as tools/convert_dataset.py runs it (the tool itself: the subprocess test)."""
     _yolo_case(tmp_path / "data", ["0 0.5 0.5 0.2 0.2", "5 0.5 0.5 0.2 0.2"])
-    argv = ["--format", "yolo", "--input", str(tmp_path / "data"), "--output", str(tmp_path / "o.json"), "--strict"]
-    assert run_cli(_tool_main(), argv, prog="convert_dataset.py") == 2
+
+    def main(strict: bool) -> Callable:
+        opts = ConvertOptions(format="yolo", input=str(tmp_path / "data"), output=str(tmp_path / "o.json"),
+                              strict=strict)
+        warn = lambda line: print(f"warning: {line}", file=sys.stderr)  # noqa: E731 - as the tool prints them
+        return lambda argv: print("\n".join(convert_dataset(opts, warn=warn).summary_lines())) or 0
+
+    assert run_cli(main(True), [], prog="convert_dataset.py") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("convert_dataset.py: error: ") and "a.txt:2" in err[0], err
     assert not (tmp_path / "o.json").exists()
 
     # without --strict: a warning line, the summary counts it, exit 0
-    assert run_cli(_tool_main(), argv[:-1], prog="convert_dataset.py") == 0
+    assert run_cli(main(False), [], prog="convert_dataset.py") == 0
     out = capsys.readouterr()
     assert "warning: skipped unknown class:" in out.err and "a.txt:2" in out.err
     assert "1 unknown class" in out.out and (tmp_path / "o.json").is_file()

@@ -303,8 +303,8 @@ def test_parts_of_another_run_or_settings_are_refused(setup: dict[str, Path], tm
                           capsys)
     assert "config model.roi_heads.nms_thresh_test (0.5 then, 0.3 now)" in err
     other = setup["root"] / "other.pth"
-    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in torch.load(setup["weights"],
-                                                                               weights_only=True).items()}, other)
+    state = torch.load(setup["weights"], weights_only=True)
+    torch.save({k: v + 1 if v.is_floating_point() else v for k, v in state.items()}, other)
     err = _one_line_error(InferOptions(config=str(setup["config"]), weights=str(other), input=str(setup["images"]),
                                        save_json=str(out), score_thresh=0.0, resume=True), capsys)
     assert "--weights" in err and "other.pth" in err

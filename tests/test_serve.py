@@ -7,7 +7,6 @@ requests are micro-batched without two batches overlapping; and tools/serve.py e
 from __future__ import annotations
 
 import base64
-import importlib.util
 import io
 import json
 import re
@@ -456,18 +455,13 @@ def test_port_in_use_is_a_usage_error() -> None:
         taken.close()
 
 
-def load_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("serve_tool", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_missing_serve_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
+                                                capsys: pytest.CaptureFixture) -> None:
+    """What tools/serve.py's main calls first: one line naming the missing package and the pip command."""
+    from detkit.serve.settings import check_serve_extra
 
-
-def test_tool_without_fastapi_says_how_to_install(config_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                  capsys: pytest.CaptureFixture) -> None:
-    tool = load_tool()
-    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed
-    assert run_cli(tool.main, ["--config", str(config_path)], prog="serve.py") == 2
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec raises ValueError
+    assert run_cli(lambda argv: check_serve_extra(), [], prog="serve.py") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("serve.py: error:"), err
     assert "fastapi" in err[0] and "pip install -e '.[serve]'" in err[0]
