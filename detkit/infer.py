@@ -1,12 +1,13 @@
 """Run a :class:`~detkit.predictor.Predictor` on an image, a folder of images or a video: what
 ``tools/infer.py`` does.
 
-:func:`run_inference` lists the input (:func:`list_input`), resolves the records' image ids from
-a COCO annotations file (:func:`read_coco_json`, :func:`image_ids_for`) and their category ids
-(:func:`resolve_category_ids`), predicts, draws each image or frame into the output folder and
-writes the detections as a COCO results file (:func:`prediction_records`, one record per
-detection, via :func:`detkit.evaluation.detections_to_coco`). Progress lines go to stdout,
-warnings (``warning: ...``) to stderr; bad input raises a :class:`~detkit.errors.DetkitError`.
+:func:`run_inference` lists the input and resolves the records' image and category ids (the
+helpers of :mod:`detkit.infer_io`, re-exported here), predicts, draws each image or frame into the
+output folder and writes the detections as a COCO results file (:func:`prediction_records`, one
+record per detection, via :func:`detkit.evaluation.detections_to_coco`). Images go to the model
+``test.batch_size`` (``--batch-size``) at a time, read ahead on a thread; everything written per
+image is the same at any batch size. Progress lines go to stdout, warnings (``warning: ...``) to
+stderr; bad input raises a :class:`~detkit.errors.DetkitError`.
 
 With ``--save-json``, each finished image is appended to a part file (:mod:`detkit.infer_parts`),
 which ``--resume`` continues; the results file is merged from the parts in input order. Under
@@ -18,25 +19,35 @@ and rank 0 merges; the records (image ids included) are those of one process. A 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
 from .config import config_to_dict, load_detection_config
-from .data.classes import ClassInfo
-from .data.coco import DatasetError
-from .data.images import IMAGE_EXTENSIONS, read_image
+from .data.images import read_image
 from .engine.distributed import all_gather_object, broadcast_object, get_local_rank, get_rank, init_distributed
 from .errors import DetkitError, UsageError
 from .evaluation import detections_to_coco
 from .fileio import write_json_atomic
+from .infer_io import (
+    VIDEO_EXTENSIONS,
+    CategoryIds,
+    CocoIndex,
+    InferInput,
+    ReadImage,
+    image_ids_for,
+    list_input,
+    read_coco_json,
+    read_images,
+    resolve_category_ids,
+)
+from .infer_io import warn as _warn
 from .infer_parts import (
     PartsPlan,
     PartWriter,
@@ -53,143 +64,14 @@ from .predictor import Prediction, Predictor
 from .visualization import draw_detections
 
 __all__ = [
-    "VIDEO_EXTENSIONS",
-    "InferInput",
-    "CocoIndex",
-    "CategoryIds",
-    "InferOptions",
-    "list_input",
-    "read_coco_json",
-    "resolve_category_ids",
-    "image_ids_for",
-    "confident",
-    "prediction_records",
-    "build_predictor",
-    "run_images",
-    "run_video",
-    "run_inference",
+    "VIDEO_EXTENSIONS", "InferInput", "CocoIndex", "CategoryIds", "InferOptions", "list_input", "read_coco_json",
+    "resolve_category_ids", "image_ids_for", "confident", "prediction_records", "build_predictor", "run_images",
+    "run_video", "run_inference",
 ]
 
-#: file extensions read as videos (lower case, with the dot)
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mov", ".mkv", ".m4v", ".webm", ".mpg", ".mpeg", ".wmv")
 #: decimals of the records' ``bbox`` (pixels) and ``score``
 BBOX_DECIMALS, SCORE_DECIMALS = 2, 5
 
-
-def _warn(msg: str, prefix: str = "") -> None:
-    print(f"{prefix}warning: {msg}", file=sys.stderr)
-
-
-@dataclass(frozen=True)
-class InferInput:
-    """What ``--input`` names: ``kind="images"`` with the image, or a folder's images sorted by
-    name; ``kind="video"`` with ``files == [the video]``."""
-
-    kind: Literal["images", "video"]
-    files: list[Path]
-
-
-def list_input(path: Path) -> InferInput:
-    """The images or the video that ``path`` names; :class:`UsageError` for anything else."""
-    path = Path(path)
-    images, videos = ", ".join(sorted(IMAGE_EXTENSIONS)), ", ".join(sorted(VIDEO_EXTENSIONS))
-    if not path.exists():
-        raise UsageError(f"--input {path}: no such file or folder; pass an image, a folder of images or a video")
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not files:
-            raise UsageError(f"--input {path}: folder holds no images ({images})")
-        return InferInput("images", files)
-    ext = path.suffix.lower()
-    if ext in VIDEO_EXTENSIONS:
-        return InferInput("video", [path])
-    if ext in IMAGE_EXTENSIONS:
-        return InferInput("images", [path])
-    raise UsageError(f"--input {path}: unknown file type {ext or '(none)'!r}; use an image ({images}) "
-                     f"or a video ({videos})")
-
-
-@dataclass(frozen=True)
-class CocoIndex:
-    """What a COCO annotations file says about the records' ids.
-
-    Attributes:
-        image_ids: base name of each image's ``file_name`` -> its image id; -1 when the base name
-            is listed twice with different ids (ambiguous).
-        category_ids: the file's category ids, sorted.
-    """
-
-    image_ids: dict[str, int]
-    category_ids: list[int]
-
-
-def read_coco_json(path: Path) -> CocoIndex:
-    """The :class:`CocoIndex` of a COCO annotations file (``--coco-json``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"--coco-json {path}: no such file; pass a COCO annotations file such as "
-                         "instances_val2017.json")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise DatasetError(f"--coco-json {path}: not readable JSON ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict) or not isinstance(data.get("images"), list):
-        raise DatasetError(f"--coco-json {path}: no 'images' list; pass a COCO annotations file (not a results file)")
-    ids: dict[str, int] = {}
-    try:
-        for im in data["images"]:
-            name, iid = Path(str(im["file_name"])).name, int(im["id"])
-            ids[name] = iid if ids.get(name, iid) == iid else -1
-        cats = sorted({int(c["id"]) for c in data.get("categories") or []})
-    except (KeyError, TypeError, ValueError) as e:
-        raise DatasetError(f"--coco-json {path}: an image or category lacks a valid {e} entry") from None
-    return CocoIndex(ids, cats)
-
-
-@dataclass(frozen=True)
-class CategoryIds:
-    """The records' category id of each label (None: ``label + 1``) and where they come from."""
-
-    ids: Optional[list[int]]
-    source: str
-
-
-def resolve_category_ids(classes: ClassInfo, coco_categories: Optional[Sequence[int]]) -> CategoryIds:
-    """The records' category ids: the data's ids that the config records (``data.category_ids``,
-    or its annotation files' categories, see :func:`~detkit.data.classes.resolve_classes`); else
-    ``coco_categories`` (``--coco-json``'s sorted ids) when there is one per class; else None,
-    i.e. ``label + 1``. Recorded ids missing from ``coco_categories`` are warned about."""
-    if classes.category_ids:
-        source = ("the config's data.category_ids" if classes.source == "data.class_names"
-                  else f"the categories of {classes.source}")
-        if coco_categories and not set(classes.category_ids) <= set(coco_categories):
-            missing = sorted(set(classes.category_ids) - set(coco_categories))[:5]
-            _warn(f"category ids {missing} of {source} are not in --coco-json's categories")
-        return CategoryIds([int(c) for c in classes.category_ids], source)
-    if coco_categories and len(coco_categories) == classes.num_classes:
-        return CategoryIds([int(c) for c in coco_categories], "--coco-json's categories (sorted ids)")
-    return CategoryIds(None, "label + 1 (the config records no data.category_ids)")
-
-
-def image_ids_for(files: Sequence[Path], coco_ids: Optional[dict[str, int]],
-                  coco_json: Optional[str]) -> list[Optional[int]]:
-    """The image id of each input file: its ``--coco-json`` id (None when not listed, warned),
-    else its position in ``files``."""
-    if coco_ids is None:
-        return list(range(len(files)))
-    ids: list[Optional[int]] = []
-    for f in files:
-        iid = coco_ids.get(f.name)
-        if iid == -1:
-            raise DatasetError(f"--coco-json {coco_json}: {f.name} is listed twice with different image ids")
-        ids.append(iid)
-    missing = [f.name for f, i in zip(files, ids) if i is None]
-    if len(missing) == len(files):
-        raise UsageError(f"--coco-json {coco_json}: none of the input images ({files[0].name}, ...) is listed in "
-                         "its 'images'; pass the annotations of these images")
-    if missing:
-        _warn(f"{len(missing)} input image(s) not in --coco-json get no records (e.g. {missing[0]})")
-    return ids
 
 
 def confident(pred: Prediction, score_thresh: float) -> Prediction:
@@ -251,38 +133,58 @@ def run_images(
     predictor: Predictor, files: Sequence[Path], out_dir: Optional[Path], score_thresh: float, records: list[dict],
     image_ids: Optional[Sequence[Optional[int]]] = None, category_ids: Optional[Sequence[int]] = None,
     on_done: Optional[Callable[[int, Path, list[dict]], None]] = None, strict: Optional[bool] = None,
-    prefix: str = "",
+    prefix: str = "", batch_size: Optional[int] = None, read_ahead: Optional[int] = None,
 ) -> ImagesDone:
     """Predict and draw each image (``out_dir/<name>``); append its records to ``records``.
 
     ``image_ids[i]`` is the records' image id of ``files[i]`` (None: no records; default: ``i``).
     ``on_done(i, files[i], its records)`` is called once image ``i`` is drawn. An unreadable file
     is an error when ``strict`` (default: when it is the only one), else skipped with a warning.
-    ``prefix`` starts each progress line (e.g. ``"[rank 1/2] "``).
+    ``prefix`` starts each progress line (e.g. ``"[rank 1/2] "``). ``batch_size`` images (default:
+    the config's ``test.batch_size``) go to one :meth:`Predictor.predict` call (1: ``predictor(image)``);
+    the outputs are written image by image in input order all the same. ``read_ahead`` images
+    (default: ``batch_size``) are read ahead on a thread; 0 reads each when it is needed.
     """
     names = list(predictor.class_names)
     strict = len(files) == 1 if strict is None else strict
+    batch = max(int(predictor.cfg.test.batch_size if batch_size is None else batch_size), 1)
     result = ImagesDone(0)
-    for idx, f in enumerate(files):
-        try:
-            image = read_image(f)
-        except OSError as e:  # corrupt / unreadable (ImageReadError is an OSError)
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else f"cannot read image {f}"
-            if strict:
-                raise UsageError(msg + "; check the file is a valid image") from None
-            _warn(f"skipping {msg}", prefix)
-            result.skipped.append(msg)
-            continue
-        pred = confident(predictor(image), score_thresh)
-        image_id = idx if image_ids is None else image_ids[idx]
-        recs = [] if image_id is None else prediction_records(pred, names, f.name, image_id, category_ids)
-        records.extend(recs)
-        if out_dir is not None:
-            _write_image(out_dir / f.name, _draw(image, pred, names, score_thresh))
-        if on_done is not None:
-            on_done(idx, f, recs)
-        print(f"{prefix}{f.name}: {len(pred)} detections", flush=bool(prefix))
-        result.done += 1
+    pending: list[ReadImage] = []  # read, not yet predicted; unreadable files keep their place
+
+    def flush() -> None:
+        images = [r.image for r in pending if r.image is not None]
+        preds = iter([predictor(im) for im in images] if batch == 1 else predictor.predict(images))
+        for r in pending:
+            if r.image is None:
+                _warn(f"skipping {r.error}", prefix)
+                result.skipped.append(r.error)
+                continue
+            pred = confident(next(preds), score_thresh)
+            image_id = r.index if image_ids is None else image_ids[r.index]
+            recs = [] if image_id is None else prediction_records(pred, names, r.path.name, image_id, category_ids)
+            records.extend(recs)
+            if out_dir is not None:
+                _write_image(out_dir / r.path.name, _draw(r.image, pred, names, score_thresh))
+            if on_done is not None:
+                on_done(r.index, r.path, recs)
+            print(f"{prefix}{r.path.name}: {len(pred)} detections", flush=bool(prefix))
+            result.done += 1
+        pending.clear()
+
+    t0 = time.perf_counter()
+    with contextlib.closing(read_images(files, batch if read_ahead is None else read_ahead)) as reader:
+        for r in reader:
+            if r.image is None and strict:
+                flush()
+                raise UsageError(r.error + "; check the file is a valid image")
+            pending.append(r)
+            if sum(p.image is not None for p in pending) == batch:
+                flush()
+        flush()
+    if result.done > 1:
+        dt = max(time.perf_counter() - t0, 1e-9)
+        print(f"{prefix}{result.done} images, {result.done / dt:.2f} images/s (batch size {batch})",
+              flush=bool(prefix))
     return result
 
 
@@ -345,6 +247,7 @@ class InferOptions:
     precision: str = "fp32"
     overrides: Sequence[str] = ()
     resume: bool = False
+    batch_size: Optional[int] = None  # None: the config's test.batch_size
 
 
 def _check_before_loading(opts: InferOptions, inp: InferInput, world_size: int) -> None:
@@ -363,6 +266,8 @@ def _check_before_loading(opts: InferOptions, inp: InferInput, world_size: int) 
     if inp.kind == "video" and world_size > 1:
         raise UsageError(f"--input {opts.input} is a video, whose frames are not split over processes; run it in "
                          "one process (python tools/infer.py, without torchrun)")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise UsageError(f"--batch-size {opts.batch_size}: give 1 or more images per model call")
     if opts.resume and (inp.kind == "video" or not opts.save_json):
         raise UsageError("--resume continues the part files of an image run's --save-json; pass the stopped run's "
                          "--save-json" + (" (a video is always run whole)" if inp.kind == "video" else ""))
@@ -477,7 +382,8 @@ def run_inference(opts: InferOptions) -> list[dict]:
     if world > 1:
         init_distributed(device)
     rank = get_rank()
-    predictor = build_predictor(opts.config, opts.overrides, opts.weights, str(device), opts.precision)
+    overrides = (*opts.overrides, f"test.batch_size={opts.batch_size}") if opts.batch_size else opts.overrides
+    predictor = build_predictor(opts.config, overrides, opts.weights, str(device), opts.precision)
     cats = resolve_category_ids(predictor.classes, None if coco is None else coco.category_ids)
     out_dir = Path(opts.output) if opts.output else None
     run = _Run(predictor, image_ids, cats.ids, out_dir, rank, world)
@@ -489,6 +395,8 @@ def run_inference(opts: InferOptions) -> list[dict]:
     records: list[dict] = []
     skipped = 0
     if inp.kind == "video":
+        if predictor.cfg.test.batch_size > 1 and rank == 0:
+            print("note: a video runs one frame per model call (batch size 1)", file=sys.stderr)
         run_video(predictor, inp.files[0], out_dir, opts.score_thresh, records, cats.ids)
         if opts.save_json:
             path = write_json_atomic(opts.save_json, records)

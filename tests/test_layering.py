@@ -18,10 +18,10 @@ LAYER = {
     "structures": 1, "config": 1, "machine": 1,
     "layers": 2, "ops": 2,
     "data": 3, "models": 3, "evaluation": 3, "visualization": 3,
-    "checkpoint": 4, "speed": 4,
+    "checkpoint": 4, "speed": 4, "quantize": 4,
     "export": 5, "predictor": 5,
     "engine": 6,
-    "analysis": 7, "infer": 7, "benchmark": 7, "serve": 7, "infer_parts": 6,
+    "analysis": 7, "infer": 7, "benchmark": 7, "serve": 7, "infer_parts": 6, "infer_io": 6,
     "cli": 8,
 }
 
