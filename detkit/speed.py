@@ -6,8 +6,9 @@ model computing the same function faster:
 * frozen / eval-mode BatchNorms are folded into the convolutions (:func:`detkit.layers.fold_frozen_bn`);
 * convolutions become :class:`InferenceConv2d` (weight stored once, channels_last, in the compute
   dtype; ReLU and residual additions in place; activations channels_last), residual blocks their
-  fused versions. (oneDNN's prepacked conv kernels with fused post-ops were measured too: no faster
-  than this on an AVX512-BF16 CPU, and their per-shape buffers grow RSS with every new image size);
+  fused versions. On CPUs with AMX, bf16 convolutions go through oneDNN's own operator instead, with
+  prepacked weights and the ReLU / residual add fused as post-ops (:func:`choose_conv_kernel`; on an
+  AVX512-BF16 CPU without AMX this measured no faster, and it keeps a second copy of the weights);
 * on CPU, linear layers become oneDNN-prepacked :class:`PackedLinear` (several times faster than
   the MKL ``F.linear`` path on AMD CPUs) and RoIAlign a vectorized gather-sum over channels-last
   features (:func:`roi_align_nhwc`). In fp32 the results equal the plain model's up to float rounding;
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import sys
 from typing import Any, Callable, Optional, Union
 
@@ -37,8 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from .layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
-from .layers.inference import Cast, InferenceConv2d, PackedLinear
-from .machine import bf16_supported, mkldnn_linear_available  # (re-exported: part of this API)
+from .layers.inference import Cast, InferenceConv2d, PackedLinear, onednn_conv_available
+from .machine import bf16_supported, cpu_flags, mkldnn_linear_available  # (re-exported: part of this API)
 from .models.backbones.resnet import BasicBlock, Bottleneck, Stem
 from .models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
 from .models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
@@ -48,7 +50,7 @@ from .ops.roi_align_nhwc import roi_align_nhwc, roi_align_nhwc_into
 __all__ = [
     "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_linear_available", "optimize_for_inference",
     "InferenceConv2d", "PackedLinear", "FusedStem", "FusedBottleneck", "FusedBasicBlock", "FusedFCHead",
-    "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign",
+    "Cast", "roi_align_nhwc", "FastMultiScaleRoIAlign", "CONV_KERNELS", "choose_conv_kernel",
 ]
 
 logger = logging.getLogger("detkit")
@@ -75,10 +77,10 @@ def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") 
 class FusedStem(nn.Module):
     """ResNet stem with a folded BN: conv1 + in-place ReLU, then the 3x3/2 max pool."""
 
-    def __init__(self, stem: Stem, dtype: torch.dtype) -> None:
+    def __init__(self, stem: Stem, dtype: torch.dtype, onednn: bool = False) -> None:
         super().__init__()
         self.out_channels = stem.out_channels
-        self.conv1 = InferenceConv2d(stem.conv1, relu=True, dtype=dtype)
+        self.conv1 = InferenceConv2d(stem.conv1, relu=True, dtype=dtype, onednn=onednn)
         self.maxpool = stem.maxpool
 
     def forward(self, x: Tensor) -> Tensor:
@@ -88,11 +90,11 @@ class FusedStem(nn.Module):
 class FusedBottleneck(nn.Module):
     """:class:`Bottleneck` with folded BNs: conv1+ReLU, conv2+ReLU, relu(conv3 + shortcut), ReLUs in place."""
 
-    def __init__(self, block: Bottleneck, dtype: torch.dtype) -> None:
+    def __init__(self, block: Bottleneck, dtype: torch.dtype, onednn: bool = False) -> None:
         super().__init__()
-        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
-        self.conv2 = InferenceConv2d(block.conv2, relu=True, dtype=dtype)
-        self.conv3 = InferenceConv2d(block.conv3, relu=False, dtype=dtype)
+        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype, onednn=onednn)
+        self.conv2 = InferenceConv2d(block.conv2, relu=True, dtype=dtype, onednn=onednn)
+        self.conv3 = InferenceConv2d(block.conv3, relu=False, dtype=dtype, onednn=onednn)
         # the block's shortcut (``shortcut`` or option C's ``proj_shortcut``, so the state-dict keys stay):
         # a folded ConvNormAct (converted by the caller), an option-A PadShortcut, or None
         self.shortcut, self.proj_shortcut = block.shortcut, block.proj_shortcut
@@ -106,10 +108,10 @@ class FusedBottleneck(nn.Module):
 class FusedBasicBlock(nn.Module):
     """:class:`BasicBlock` with folded BNs: conv1+ReLU, relu(conv2 + shortcut), ReLUs in place."""
 
-    def __init__(self, block: BasicBlock, dtype: torch.dtype) -> None:
+    def __init__(self, block: BasicBlock, dtype: torch.dtype, onednn: bool = False) -> None:
         super().__init__()
-        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype)
-        self.conv2 = InferenceConv2d(block.conv2, relu=False, dtype=dtype)
+        self.conv1 = InferenceConv2d(block.conv1, relu=True, dtype=dtype, onednn=onednn)
+        self.conv2 = InferenceConv2d(block.conv2, relu=False, dtype=dtype, onednn=onednn)
         self.shortcut, self.proj_shortcut = block.shortcut, block.proj_shortcut  # as in FusedBottleneck
 
     def forward(self, x: Tensor) -> Tensor:
@@ -194,14 +196,15 @@ def _folded(*norms: Optional[nn.Module]) -> bool:
 class _Converter:
     """Replaces modules by their inference versions as :data:`_CONVERSIONS` says (:func:`optimize_for_inference`)."""
 
-    def __init__(self, dtype: torch.dtype, linear_mkldnn: bool, fast_roi_align: bool) -> None:
+    def __init__(self, dtype: torch.dtype, linear_mkldnn: bool, fast_roi_align: bool, onednn_conv: bool = False) -> None:
         self.dtype, self.linear_mkldnn, self.fast_roi_align = dtype, linear_mkldnn, fast_roi_align
+        self.onednn_conv = onednn_conv
         self.low_precision = dtype != torch.float32
 
     def conv(self, conv: nn.Conv2d, relu: bool = False) -> nn.Module:
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             return Cast(conv, self.dtype)
-        return InferenceConv2d(conv, relu=relu, dtype=self.dtype)
+        return InferenceConv2d(conv, relu=relu, dtype=self.dtype, onednn=self.onednn_conv)
 
     def linear(self, linear: nn.Linear, relu: bool = False, dtype: Optional[torch.dtype] = None,
                nhwc_channels: int = 0) -> PackedLinear:
@@ -235,13 +238,13 @@ class _Converter:
 
 
 def _stem(c: _Converter, m: Stem) -> nn.Module:
-    return FusedStem(m, c.dtype) if _folded(m.bn1) else c.generic(m)
+    return FusedStem(m, c.dtype, c.onednn_conv) if _folded(m.bn1) else c.generic(m)
 
 
 def _residual_block(c: _Converter, m: Union[Bottleneck, BasicBlock]) -> nn.Module:
     if not _folded(m.bn1, m.bn2, getattr(m, "bn3", None), getattr(m.skip, "norm", None)):
         return c.generic(m)
-    fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, c.dtype)
+    fused = (FusedBottleneck if isinstance(m, Bottleneck) else FusedBasicBlock)(m, c.dtype, c.onednn_conv)
     c.children(fused)  # the shortcut
     return fused
 
@@ -314,6 +317,33 @@ _CONVERSIONS: dict[Union[type, tuple[type, ...]], Callable[[_Converter, Any], nn
 }
 
 
+CONV_KERNELS: tuple[str, ...] = ("auto", "aten", "onednn")
+
+
+def choose_conv_kernel(precision: str, requested: str = "auto") -> str:
+    """The CPU convolution kernel of :func:`optimize_for_inference`: ``"aten"`` or ``"onednn"``.
+
+    ``"auto"`` picks ``"onednn"`` (prepacked weights, fused post-ops) for bf16 on CPUs with AMX, where
+    the per-call reorder of the weight into AMX tiles is what the prepacking saves, and ``"aten"``
+    elsewhere: on an AMD EPYC with AVX512-BF16 and no AMX the two measured within run-to-run noise of
+    each other (see ``benchmarks/bench_runtimes.py --conv-kernels``), and the prepacked path holds an
+    extra copy of every weight. ``DETKIT_CONV_KERNEL=aten|onednn`` in the environment overrides ``"auto"``.
+    """
+    if requested not in CONV_KERNELS:
+        raise ValueError(f"conv_kernel must be one of {CONV_KERNELS}, got {requested!r}")
+    if requested == "auto":
+        env = os.environ.get("DETKIT_CONV_KERNEL", "").strip()
+        if env:
+            if env not in CONV_KERNELS[1:]:
+                raise ValueError(f"DETKIT_CONV_KERNEL must be 'aten' or 'onednn', got {env!r}")
+            requested = env
+        else:
+            requested = "onednn" if precision == "bf16" and "amx_bf16" in cpu_flags() else "aten"
+    if requested == "onednn" and not onednn_conv_available():
+        return "aten"
+    return requested
+
+
 def _release_freed_memory() -> None:
     """Hand freed heap pages (the replaced weights) back to the OS (glibc), so they do not stay resident."""
     if sys.platform.startswith("linux"):
@@ -331,6 +361,7 @@ def optimize_for_inference(
     fuse: bool = True,
     channels_last: bool = True,
     fast_roi_align: bool = True,
+    conv_kernel: str = "auto",
 ) -> nn.Module:
     """Make an eval-mode model faster for inference, in place; returns it.
 
@@ -345,6 +376,9 @@ def optimize_for_inference(
         channels_last: with ``fuse=False``, convert conv weights to channels_last (fused modules
             always are).
         fast_roi_align: on CPU, pool with :class:`FastMultiScaleRoIAlign`.
+        conv_kernel: on CPU, ``"aten"`` (``F.conv2d`` on channels-last weights, ReLU / residual add
+            in place after it), ``"onednn"`` (oneDNN's operator, prepacked weights, fused post-ops)
+            or ``"auto"``: :func:`choose_conv_kernel` (``DETKIT_CONV_KERNEL`` overrides it).
 
     The switches after ``precision`` exist to measure each speed lever; keep the defaults. The model
     is put in eval mode without gradients; the precision used is stored as ``model.inference_precision``.
@@ -363,7 +397,8 @@ def optimize_for_inference(
     if fuse:
         on_cpu = device.type == "cpu"
         linear_mkldnn = on_cpu and mkldnn_linear_available()
-        _Converter(_DTYPES[precision], linear_mkldnn, fast_roi_align and on_cpu).children(model)
+        onednn = on_cpu and choose_conv_kernel(precision, conv_kernel) == "onednn"
+        _Converter(_DTYPES[precision], linear_mkldnn, fast_roi_align and on_cpu, onednn).children(model)
     elif channels_last:
         model.to(memory_format=torch.channels_last)
     model.inference_precision = precision

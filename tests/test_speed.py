@@ -34,6 +34,7 @@ from detkit.speed import (
 )
 
 MKLDNN = speed.mkldnn_linear_available()
+ONEDNN_CONV = speed.onednn_conv_available()
 BF16 = bf16_supported("cpu")
 needs_bf16 = pytest.mark.skipif(not BF16, reason="this CPU has no native bf16 (AVX512-BF16/AMX) or no oneDNN")
 
@@ -209,6 +210,48 @@ def test_fused_detector_matches_plain(arch: str, backbone: str, box_head: str) -
             assert (r.masks != o.masks).float().mean() < 1e-3
 
 
+@pytest.mark.skipif(not ONEDNN_CONV, reason="no oneDNN convolution operators in this PyTorch build")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_onednn_conv_kernel_matches_aten(precision: str) -> None:
+    if precision == "bf16" and not BF16:
+        pytest.skip("this CPU has no native bf16")
+    plain = _detector("mask_rcnn", backbone="resnet50")
+    aten = optimize_for_inference(copy.deepcopy(plain), precision, conv_kernel="aten")
+    onednn = optimize_for_inference(copy.deepcopy(plain), precision, conv_kernel="onednn")
+    convs = [m for m in onednn.modules() if isinstance(m, InferenceConv2d)]
+    assert convs and all(m.onednn for m in convs)
+    assert not any(m.onednn for m in aten.modules() if isinstance(m, InferenceConv2d))
+    with torch.no_grad():
+        ref, out = aten.predict(_images()), onednn.predict(_images())
+        feats_a = aten.backbone(_images()[0][None].float())
+        feats_o = onednn.backbone(_images()[0][None].float())
+    assert sum(len(r) for r in ref) > 0
+    for k in feats_a:  # the same features: only the kernel (and its rounding order) differs
+        _close(feats_a[k], feats_o[k], 1e-4 if precision == "fp32" else 3e-2)
+    if precision == "fp32":  # (a deep random R50 amplifies the rounding: the parity tests' score bar)
+        _same_detections(ref, out, score_atol=1e-3)
+    assert list(onednn.state_dict()) == list(aten.state_dict())  # the packed weights are not saved
+
+
+def test_conv_kernel_choice(monkeypatch) -> None:
+    monkeypatch.delenv("DETKIT_CONV_KERNEL", raising=False)
+    amx = frozenset({"avx512f", "amx_bf16", "amx_tile"})
+    monkeypatch.setattr(speed, "cpu_flags", lambda: amx)
+    expect = "onednn" if ONEDNN_CONV else "aten"
+    assert speed.choose_conv_kernel("bf16") == expect
+    assert speed.choose_conv_kernel("fp32") == "aten"
+    monkeypatch.setattr(speed, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    assert speed.choose_conv_kernel("bf16") == "aten"
+    assert speed.choose_conv_kernel("bf16", "onednn") == expect
+    monkeypatch.setenv("DETKIT_CONV_KERNEL", "onednn")
+    assert speed.choose_conv_kernel("fp32") == expect
+    monkeypatch.setenv("DETKIT_CONV_KERNEL", "fast")
+    with pytest.raises(ValueError, match="DETKIT_CONV_KERNEL"):
+        speed.choose_conv_kernel("bf16")
+    with pytest.raises(ValueError, match="conv_kernel"):
+        speed.choose_conv_kernel("bf16", "winograd")
+
+
 def test_state_dict_is_the_folded_models() -> None:
     plain = _detector("mask_rcnn")
     folded = fold_frozen_bn(copy.deepcopy(plain)).state_dict()
@@ -264,11 +307,15 @@ def test_inference_layers_match_reference() -> None:
         with torch.no_grad():
             ref = conv(x)
             other = torch.randn_like(ref)
-            for dtype in dtypes:
+            for dtype, onednn in [(d, o) for d in dtypes for o in {False, ONEDNN_CONV}]:
                 tol = 1e-5 if dtype == torch.float32 else 2e-2
-                p = InferenceConv2d(conv, relu=True, dtype=dtype)
+                p = InferenceConv2d(conv, relu=True, dtype=dtype, onednn=onednn)
+                assert p.onednn == (onednn and kw.get("groups", 1) == 1)
                 _close(ref.relu(), p(x), tol)
                 _close((ref + other).relu(), p.forward_add_relu(x, other), tol)
+                # a second input size after the weight was packed for the first one
+                x2 = torch.randn(1, kw["in_channels"], 9, 30)
+                _close(conv(x2).relu(), p(x2), tol)
                 assert p(x).is_contiguous(memory_format=torch.channels_last) and p(x).dtype == dtype
     lin = nn.Linear(8 * 3 * 3, 10)
     x = torch.randn(5, 8, 3, 3)

@@ -1,7 +1,8 @@
 """Inference-only layers of the fast CPU path (:func:`detkit.speed.optimize_for_inference`).
 
 * :class:`InferenceConv2d`: a convolution (+ folded norm, + ReLU) with weights in a chosen dtype and
-  memory format, so oneDNN runs channels-last kernels without reorders;
+  memory format, so oneDNN runs channels-last kernels without reorders; optionally through oneDNN's
+  own convolution operator with a prepacked weight and fused ReLU / residual-add post-ops;
 * :class:`PackedLinear`: a ``Linear`` (+ ReLU) with a oneDNN-prepacked weight on CPU;
 * :class:`Cast`: runs a module in another dtype (fp32 islands in a bf16 model).
 """
@@ -14,9 +15,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Cast", "InferenceConv2d", "PackedLinear", "check_device"]
+__all__ = ["Cast", "InferenceConv2d", "PackedLinear", "check_device", "onednn_conv_available"]
 
 _LINEAR_HINT_ROWS = 512  # rows assumed when pre-reordering linear weights (RoIs per batch)
+
+
+def onednn_conv_available() -> bool:
+    """True when this PyTorch build has oneDNN's fused convolution operators (``InferenceConv2d(onednn=True)``)."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return all(hasattr(torch.ops.mkldnn, n) for n in ("_convolution_pointwise", "_reorder_convolution_weight"))
+    except RuntimeError:
+        return False
 
 
 def check_device(module: nn.Module, x: Tensor) -> None:
@@ -33,9 +44,17 @@ class InferenceConv2d(nn.Module):
     The weight is stored channels_last in ``dtype`` (buffers ``weight`` and ``bias``, moved by
     ``.to(device)``); inputs are cast to ``dtype`` and made channels_last, outputs are channels_last
     ``dtype``. On CPU ``F.conv2d`` then runs oneDNN's channels-last kernels without layout reorders.
+
+    ``onednn=True`` (CPU, ungrouped convolutions) calls oneDNN's convolution operator directly
+    (``torch.ops.mkldnn._convolution_pointwise``) with the weight prepacked once, at the first call, into
+    the blocked layout oneDNN picks for that input shape, and with the ReLU and the residual add fused
+    into the kernel as post-ops (no extra pass over the output). It pays where the weight reorder
+    is expensive (AMX tiles); :func:`detkit.speed.optimize_for_inference` chooses it from the CPU's
+    flags (``conv_kernel="auto"``). Results equal ``F.conv2d``'s up to float rounding.
     """
 
-    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, conv: nn.Conv2d, relu: bool = False, dtype: torch.dtype = torch.float32,
+                 onednn: bool = False) -> None:
         super().__init__()
         if conv.padding_mode != "zeros" or isinstance(conv.padding, str):
             raise ValueError(f"InferenceConv2d: needs explicit zero padding, got padding={conv.padding!r} "
@@ -45,23 +64,51 @@ class InferenceConv2d(nn.Module):
         self.relu, self.dtype = bool(relu), dtype
         self.register_buffer("weight", conv.weight.detach().to(dtype).contiguous(memory_format=torch.channels_last))
         self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().to(dtype))
+        # (grouped convolutions stay on F.conv2d: oneDNN's fused residual add rejects them in bf16)
+        self.onednn = bool(onednn) and self.groups == 1 and self.weight.device.type == "cpu" \
+            and onednn_conv_available()
+        self._packed: Optional[Tensor] = None  # oneDNN's blocked weight (``onednn``), made at the first call
 
     def _conv(self, x: Tensor) -> Tensor:
         x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
         return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def _onednn_weight(self, x: Tensor) -> Tensor:
+        if self._packed is None or self._packed.dtype != self.weight.dtype:
+            self._packed = torch.ops.mkldnn._reorder_convolution_weight(
+                self.weight, list(self.padding), list(self.stride), list(self.dilation), self.groups, list(x.shape))
+        return self._packed
+
+    def _use_onednn(self, x: Tensor) -> bool:
+        return self.onednn and x.device.type == "cpu" and not torch.jit.is_tracing() and not torch.jit.is_scripting()
+
     def forward(self, x: Tensor) -> Tensor:
         """[N, C_in, H, W] -> [N, C_out, H', W'] (channels_last, ``dtype``)."""
+        if self._use_onednn(x):
+            x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+            return torch.ops.mkldnn._convolution_pointwise(
+                x, self._onednn_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "relu" if self.relu else "none", [], "")
         y = self._conv(x)
         return y.relu_() if self.relu else y
 
     def forward_add_relu(self, x: Tensor, other: Tensor) -> Tensor:
         """``relu(conv(x) + other)`` in place: the end of a residual block (``self.relu`` is not used)."""
+        if self._use_onednn(x):
+            x = x.to(dtype=self.dtype, memory_format=torch.channels_last)
+            other = other.to(dtype=self.dtype, memory_format=torch.channels_last)
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, other, self._onednn_weight(x), self.bias, self.padding, self.stride, self.dilation, self.groups,
+                "add", 1.0, "relu", [], "")
         return self._conv(x).add_(other.to(self.dtype)).relu_()
+
+    def _apply(self, fn: Any, recurse: bool = True) -> "InferenceConv2d":
+        self._packed = None  # ``.to()`` / ``.bfloat16()``: repack from the moved weight
+        return super()._apply(fn, recurse)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, padding={self.padding}, "
-                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}")
+                f"groups={self.groups}, relu={self.relu}, dtype={self.dtype}, onednn={self.onednn}")
 
 
 class PackedLinear(nn.Module):
