@@ -166,8 +166,10 @@ class TwoStageDetector(nn.Module):
         sizes = [(im.shape[1], im.shape[2]) for im in images]  # 0-dim tensors while tracing
         hs = torch.stack([torch.as_tensor(h) for h, _ in sizes])
         ws = torch.stack([torch.as_tensor(w) for _, w in sizes])
-        max_h = (hs.max() + (d - 1)) // d * d
-        max_w = (ws.max() + (d - 1)) // d * d
+        # ceil in float, not integer division: OpenVINO's ONNX Div of int64 tensors rounds (159 / 32 -> 5)
+        # where ONNX truncates, which padded every image by up to one extra stride there
+        max_h = torch.ceil(hs.max().to(torch.float32) / d).to(torch.int64) * d
+        max_w = torch.ceil(ws.max().to(torch.float32) / d).to(torch.int64) * d
         padded = []
         for im, (h, w) in zip(images, sizes):
             x = im.to(device=self.device, dtype=torch.float32)
