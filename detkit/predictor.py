@@ -32,7 +32,7 @@ __all__ = ["Predictor", "Prediction"]
 
 logger = logging.getLogger("detkit")
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "int8")
 
 
 @dataclass
@@ -94,12 +94,19 @@ class Predictor:
         optimize: run :func:`detkit.speed.optimize_for_inference` (folded BNs, channels_last, oneDNN
             linear layers and a multi-threaded RoIAlign on CPU, bf16 weights for ``precision="bf16"``;
             fp32 results equal up to float rounding). False keeps the plain modules (bf16 then uses
-            autocast).
+            autocast; int8 needs True).
+        quantized: for ``precision="int8"`` (:mod:`detkit.quantize`: the backbone + FPN in int8, the
+            rest in bf16 where native, else fp32; CPUs with VNNI or AMX-INT8, and torchao, else bf16 /
+            fp32 with a warning): the folder ``tools/quantize.py`` or :meth:`save_quantized` wrote for
+            these weights; default ``test.int8_quantized``; None: calibrate now.
+        calibration: images to calibrate on (uint8 HxWx3 RGB at any size), or a number of
+            ``data.train`` images; default ``test.int8_calibration_images``.
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
         classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids);
-        class_names: name of each label; precision: ``"fp32"`` or ``"bf16"``, the one in use;
+        class_names: name of each label; precision: ``"fp32"``, ``"bf16"`` or ``"int8"``, the one in use;
+        int8_state: the :class:`~detkit.quantize.Int8State` with int8, else None;
         transform: the test-time transform, built from ``cfg.input`` when the Predictor is made.
     """
 
@@ -111,6 +118,8 @@ class Predictor:
         precision: Optional[str] = None,
         fold_bn: bool = True,
         optimize: bool = True,
+        quantized: Union[None, str, os.PathLike] = None,
+        calibration: Union[None, int, Sequence[np.ndarray]] = None,
     ) -> None:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"Predictor: precision must be one of {PRECISIONS}, got {precision!r}")
@@ -135,14 +144,36 @@ class Predictor:
                            "heads" if cfg.model.backbone.weights else "model")
         model.eval()
         self.model = model.to(self.device)
-        self.precision = resolve_precision(precision or cfg.test.precision, self.device)
-        if optimize:
-            optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
-        elif fold_bn:
-            from .layers import fold_frozen_bn
+        self.precision = precision or cfg.test.precision
+        self.int8_state = None
+        if self.precision == "int8":
+            from .quantize import int8_model, resolve_int8
 
-            fold_frozen_bn(self.model)
+            self.precision = resolve_int8(self.device)
+        if self.precision == "int8":
+            if not optimize:
+                raise ValueError("Predictor: precision='int8' needs optimize=True")
+            calibration = calibration if calibration is None or isinstance(calibration, int) else \
+                [self.transform(_check_image(im, i)).image for i, im in enumerate(calibration)]
+            self.int8_state, rest = int8_model(self.model, cfg, quantized or cfg.test.int8_quantized, calibration)
+            optimize_for_inference(self.model, rest, fold_bn=fold_bn)
+        else:
+            self.precision = resolve_precision(self.precision, self.device)
+            if optimize:
+                optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
+            elif fold_bn:
+                from .layers import fold_frozen_bn
+
+                fold_frozen_bn(self.model)
         self._autocast = self.precision == "bf16" and not optimize
+
+    def save_quantized(self, path: Union[str, os.PathLike]) -> None:
+        """Write the int8 calibration (:func:`detkit.quantize.save_quantized`) to the folder ``path``."""
+        if self.int8_state is None:
+            raise ValueError(f"Predictor.save_quantized: precision is {self.precision!r}, not 'int8'")
+        from .quantize import save_quantized
+
+        save_quantized(self.int8_state, path, {"buckets_compiled": sorted(self.model.backbone.compile_seconds)})
 
     def _context(self) -> contextlib.AbstractContextManager:
         if self._autocast:

@@ -277,7 +277,13 @@ class TrainConfig(_Strict):
 
 class TestConfig(_Strict):
     batch_size: int = 1
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"  # int8: Predictor only (detkit.quantize), CPUs with VNNI/AMX
+    # int8 (post-training static quantization of the backbone + FPN): images of data.train calibrated on,
+    # the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the long-side
+    # steps of the padded input sizes compiled for (one static graph each, both orientations)
+    int8_calibration_images: int = Field(32, ge=1)
+    int8_quantized: Optional[str] = None
+    int8_bucket_steps: int = Field(2, ge=1)
     eval_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
 
