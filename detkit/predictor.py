@@ -26,6 +26,9 @@ from .data.classes import resolve_classes
 from .data.transforms import build_detection_transform
 from .models.build import build_detector
 from .models.detector import rescale_detections
+from .export import trace_size
+from .layers import fold_frozen_bn
+from .export.openvino import OpenVINODetector
 from .speed import optimize_for_inference, resolve_precision
 
 __all__ = ["Predictor", "Prediction"]
@@ -33,6 +36,7 @@ __all__ = ["Predictor", "Prediction"]
 logger = logging.getLogger("detkit")
 
 PRECISIONS = ("fp32", "bf16", "int8")
+RUNTIMES = ("pytorch", "openvino")
 
 
 @dataclass
@@ -101,6 +105,10 @@ class Predictor:
             these weights; default ``test.int8_quantized``; None: calibrate now.
         calibration: images to calibrate on (uint8 HxWx3 RGB at any size), or a number of
             ``data.train`` images; default ``test.int8_calibration_images``.
+        runtime: ``"pytorch"``, or ``"openvino"``: the model exported to ONNX (:mod:`detkit.export`)
+            and compiled by OpenVINO for the CPU (:class:`~detkit.export.openvino.OpenVINODetector`,
+            the ``[openvino]`` extra), fp32 or bf16; same resizing, mask pasting and outputs. Default
+            ``test.runtime``.
 
     Attributes:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
@@ -120,9 +128,12 @@ class Predictor:
         optimize: bool = True,
         quantized: Union[None, str, os.PathLike] = None,
         calibration: Union[None, int, Sequence[np.ndarray]] = None,
+        runtime: Optional[str] = None,
     ) -> None:
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"Predictor: precision must be one of {PRECISIONS}, got {precision!r}")
+        if runtime is not None and runtime not in RUNTIMES:
+            raise ValueError(f"Predictor: runtime must be one of {RUNTIMES}, got {runtime!r}")
         if isinstance(config, DetectionConfig):
             cfg = config.model_copy(deep=True)
         elif isinstance(config, (str, os.PathLike)):
@@ -145,27 +156,44 @@ class Predictor:
         model.eval()
         self.model = model.to(self.device)
         self.precision = precision or cfg.test.precision
+        self.runtime = runtime or cfg.test.runtime
         self.int8_state = None
+        self._openvino: Optional[OpenVINODetector] = None
+        if self.runtime == "openvino":
+            if self.precision == "int8":
+                raise ValueError("Predictor: runtime='openvino' runs fp32 or bf16; int8 is the PyTorch runtime's "
+                                 "(set precision='bf16' or runtime='pytorch')")
+            self.precision = resolve_precision(self.precision, self.device)
+            fold_frozen_bn(self.model)  # a smaller graph; the PyTorch model stays available as .model
+            self._openvino = OpenVINODetector(self.model, self.precision, sample_size=trace_size(cfg))
+            optimize = False
+        else:
+            self._prepare_pytorch(optimize, fold_bn, quantized, calibration)
+        self._autocast = self.precision == "bf16" and not optimize
+
+    def _prepare_pytorch(self, optimize: bool, fold_bn: bool, quantized: Union[None, str, os.PathLike],
+                         calibration: Union[None, int, Sequence[np.ndarray]]) -> None:
+        """Optimize ``self.model`` for ``self.precision`` (int8: quantize its backbone first)."""
         if self.precision == "int8":
-            from .quantize import int8_model, resolve_int8
+            from .quantize import resolve_int8
 
             self.precision = resolve_int8(self.device)
         if self.precision == "int8":
+            from .quantize import int8_model
+
             if not optimize:
                 raise ValueError("Predictor: precision='int8' needs optimize=True")
             calibration = calibration if calibration is None or isinstance(calibration, int) else \
                 [self.transform(_check_image(im, i)).image for i, im in enumerate(calibration)]
-            self.int8_state, rest = int8_model(self.model, cfg, quantized or cfg.test.int8_quantized, calibration)
+            self.int8_state, rest = int8_model(self.model, self.cfg, quantized or self.cfg.test.int8_quantized,
+                                               calibration)
             optimize_for_inference(self.model, rest, fold_bn=fold_bn)
-        else:
-            self.precision = resolve_precision(self.precision, self.device)
-            if optimize:
-                optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
-            elif fold_bn:
-                from .layers import fold_frozen_bn
-
-                fold_frozen_bn(self.model)
-        self._autocast = self.precision == "bf16" and not optimize
+            return
+        self.precision = resolve_precision(self.precision, self.device)
+        if optimize:
+            optimize_for_inference(self.model, self.precision, fold_bn=fold_bn)
+        elif fold_bn:
+            fold_frozen_bn(self.model)
 
     def save_quantized(self, path: Union[str, os.PathLike]) -> None:
         """Write the int8 calibration (:func:`detkit.quantize.save_quantized`) to the folder ``path``."""
@@ -197,7 +225,7 @@ class Predictor:
             # (H', W', 3) -> (3, H', W') uint8, laid out as the evaluation dataset does
             tensors = [torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))).to(self.device) for r in resized]
             with torch.inference_mode(), self._context():
-                dets = self.model.predict(tensors, paste_masks=False)
+                dets = (self._openvino or self.model).predict(tensors, paste_masks=False)
                 for im, r, det in zip(chunk, resized, dets):
                     det = rescale_detections(det, r.shape[:2], im.shape[:2], self.model.mask_threshold,
                                              self.model.mask_paste)

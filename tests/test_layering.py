@@ -19,8 +19,8 @@ LAYER = {
     "layers": 2, "ops": 2,
     "data": 3, "models": 3, "evaluation": 3, "visualization": 3,
     "checkpoint": 4, "speed": 4, "quantize": 4,
-    "export": 5, "predictor": 5,
-    "engine": 6,
+    "export": 5,
+    "engine": 6, "predictor": 6,
     "analysis": 7, "infer": 7, "benchmark": 7, "serve": 7, "infer_parts": 6, "infer_io": 6,
     "cli": 8,
 }

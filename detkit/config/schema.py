@@ -284,6 +284,8 @@ class TestConfig(_Strict):
     int8_calibration_images: int = Field(32, ge=1)
     int8_quantized: Optional[str] = None
     int8_bucket_steps: int = Field(2, ge=1)
+    # Predictor runtime: pytorch, or openvino (detkit's ONNX export compiled by OpenVINO: the [openvino] extra)
+    runtime: Literal["pytorch", "openvino"] = "pytorch"
     eval_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
 
