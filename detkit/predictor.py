@@ -26,6 +26,7 @@ from .data.classes import resolve_classes
 from .data.transforms import build_detection_transform
 from .models.build import build_detector
 from .models.detector import rescale_detections
+from .structures import Detections
 from .export import trace_size
 from .layers import fold_frozen_bn
 from .export.openvino import OpenVINODetector
@@ -213,28 +214,41 @@ class Predictor:
         return self.predict([_check_image(image)])[0]
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
-        """Detect objects in a list of uint8 HxWx3 RGB images (run ``test.batch_size`` at a time)."""
+        """Detect objects in a list of uint8 HxWx3 RGB images.
+
+        Up to ``test.batch_size`` images go through the model per call, grouped by their size after
+        resizing: a batch only holds images of one size, so no image is padded for another one and
+        every result equals what ``predictor(image)`` gives.
+        """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise ValueError("Predictor.predict: expects a list of images; use predictor(image) for one image")
         images = [_check_image(im, i) for i, im in enumerate(images)]
         batch = max(int(self.cfg.test.batch_size), 1)
-        results: list[Prediction] = []
-        for start in range(0, len(images), batch):
-            chunk = images[start : start + batch]
-            resized = [self.transform(im).image for im in chunk]  # H' x W' x 3 uint8
-            # (H', W', 3) -> (3, H', W') uint8, laid out as the evaluation dataset does
-            tensors = [torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))).to(self.device) for r in resized]
-            with torch.inference_mode(), self._context():
-                dets = (self._openvino or self.model).predict(tensors, paste_masks=False)
-                for im, r, det in zip(chunk, resized, dets):
-                    det = rescale_detections(det, r.shape[:2], im.shape[:2], self.model.mask_threshold,
-                                             self.model.mask_paste)
-                    results.append(
-                        Prediction(
-                            boxes=det.boxes.float().cpu().numpy(),
-                            scores=det.scores.float().cpu().numpy(),
-                            labels=det.labels.cpu().numpy().astype(np.int64),
-                            masks=None if det.masks is None else det.masks.cpu().numpy().astype(bool),
-                        )
-                    )
-        return results
+        resized = [self.transform(im).image for im in images]  # H' x W' x 3 uint8
+        by_size: dict[tuple[int, ...], list[int]] = {}
+        for i, r in enumerate(resized):
+            by_size.setdefault(r.shape, []).append(i)
+        results: list[Optional[Prediction]] = [None] * len(images)
+        for indices in by_size.values():
+            for start in range(0, len(indices), batch):
+                chunk = indices[start : start + batch]
+                for i, det in zip(chunk, self._run([resized[i] for i in chunk])):
+                    results[i] = self._to_prediction(det, resized[i].shape[:2], images[i].shape[:2])
+        return results  # type: ignore[return-value]
+
+    def _run(self, resized: list[np.ndarray]) -> list[Detections]:
+        """One model call on same-size resized images; detections in their pixels, masks unpasted."""
+        # (H', W', 3) -> (3, H', W') uint8, laid out as the evaluation dataset does
+        tensors = [torch.from_numpy(np.ascontiguousarray(r.transpose(2, 0, 1))).to(self.device) for r in resized]
+        with torch.inference_mode(), self._context():
+            return (self._openvino or self.model).predict(tensors, paste_masks=False)
+
+    def _to_prediction(self, det: Detections, resized_hw: tuple[int, int], image_hw: tuple[int, int]) -> Prediction:
+        with torch.inference_mode():
+            det = rescale_detections(det, resized_hw, image_hw, self.model.mask_threshold, self.model.mask_paste)
+        return Prediction(
+            boxes=det.boxes.float().cpu().numpy(),
+            scores=det.scores.float().cpu().numpy(),
+            labels=det.labels.cpu().numpy().astype(np.int64),
+            masks=None if det.masks is None else det.masks.cpu().numpy().astype(bool),
+        )

@@ -142,7 +142,9 @@ def test_batch_of_same_size_images_gives_the_records_of_one_image_calls(
 def test_batch_of_mixed_sizes_with_an_unreadable_file(setup: dict[str, Path], tmp_path: Path,
                                                       model_calls: list[int], capsys: pytest.CaptureFixture) -> None:
     records = _run(_options(setup, "mixed", tmp_path, batch_size=3))
-    assert model_calls == [3, 2]  # the broken file takes no place in a batch
+    # the broken file takes no place in a batch, and a model call holds one size only: [3, 2] images
+    # in two Predictor.predict calls, of 3 and 2 sizes after resizing
+    assert sorted(model_calls) == [1] * 5
     captured = capsys.readouterr()
     assert "skipping" in captured.err and "img2b.png" in captured.err and "skipped 1 unreadable" in captured.err
     progress = [ln.split(":")[0] for ln in captured.out.splitlines() if ln.endswith(" detections")]
@@ -158,6 +160,27 @@ def test_batch_of_mixed_sizes_with_an_unreadable_file(setup: dict[str, Path], tm
         assert 0 <= x and 0 <= y and x + bw <= w + 0.01 and y + bh <= h + 0.01
     for i, size in enumerate(SIZES["mixed"]):
         assert cv2.imread(str(tmp_path / "drawn" / f"img{i}.png")).shape[:2] == size
+    capsys.readouterr()
+    assert_same_records(records, _run(_options(setup, "mixed", tmp_path / "one")))  # exactly batch 1's
+
+
+def test_predictor_batches_group_images_by_size(setup: dict[str, Path], model_calls: list[int]) -> None:
+    from detkit import Predictor
+    from detkit.config import load_config
+
+    cfg = load_config(setup["config"])
+    cfg.test.batch_size = 2
+    predictor = Predictor(cfg, weights=str(setup["weights"]))
+    rng = np.random.default_rng(0)
+    images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in [(96, 128), (64, 200), (96, 128),
+                                                                        (96, 128), (64, 200)]]
+    batched = predictor.predict(images)
+    assert sorted(model_calls) == [1, 2, 2]  # (96, 128) x 3 -> 2 + 1, (64, 200) x 2 -> 2
+    for image, got in zip(images, batched):
+        want = predictor(image)
+        np.testing.assert_array_equal(got.labels, want.labels)
+        np.testing.assert_allclose(got.boxes, want.boxes, atol=1e-3)
+        np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
 
 
 def test_a_stopped_batched_run_resumes(setup: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -51,15 +51,12 @@ with --device cpu), each draws its own share into --output, and rank 0 merges th
 --save-json in input order (the same records as one process writes) and deletes the folder. Put
 --save-json on a filesystem every process sees. A video runs in one process only.
 
-throughput mode: --batch-size N (or test.batch_size=N) sends N images of a folder to the model at
-once, read ahead on a thread; everything is still written image by image in input order (progress
-lines, drawn files, part files, --resume; resuming needs the same N). A video runs one frame per
-call. Images of one size give the same detections as N=1. Images of different sizes are zero-padded
-to the batch's largest (rounded up to 32 px), which shifts some detections slightly, as if each
-image had that border: the demo model on 224-320 px shapes, batch 4 of three sizes vs N=1, mean box
-IoU 0.97, 5 of 39 detections scoring >= 0.5 without a partner. Sort or split such folders by size
-when the exact N=1 detections matter. On CPU batching gains little (larger images fill the cores
-alone); see benchmarks/bench_throughput.py.
+throughput mode: --batch-size N (or test.batch_size=N) sends up to N images of a folder to the model
+at once, read ahead on a thread; everything is still written image by image in input order (progress
+lines, drawn files, part files, --resume; resuming needs the same N). A model call only holds
+images of one size after resizing (the Predictor groups them), so no image is padded for another
+and the detections are exactly those of N=1. A video runs one frame per call. On CPU batching gains
+little (larger images fill the cores alone); see benchmarks/bench_throughput.py.
 """
 
 
@@ -89,7 +86,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="COCO annotations file whose image ids (matched by file name) --save-json uses, so "
                         "the results go straight into COCOeval with it; images it does not list get no records")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="inference precision")
+    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
+                   help="inference precision (int8: backbone + FPN quantized, calibrated on data.train; see tools/quantize.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run from the part files of its --save-json (<save-json>.parts/), "
                         "skipping the images already done")
