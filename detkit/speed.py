@@ -62,6 +62,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # --------------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") -> str:
     """Validate ``precision``; ``"bf16"`` becomes ``"fp32"`` (with a warning) where it is not supported."""
+    if precision == "int8":
+        raise ValueError("precision 'int8' (config key test.precision) is for detkit.Predictor, tools/infer.py and "
+                         "tools/serve.py (the quantized backbone of detkit.quantize); use fp32 or bf16 here")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (config key test.precision)")
     if precision == "bf16" and not bf16_supported(device):
