@@ -29,15 +29,12 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import box_iou
 
 from detkit.structures import Detections, Proposals, Targets
 
-from ..matcher import subsample_labels
 from ..poolers import MultiScaleRoIAlign
-from .box_head import FastRCNNPredictor, fast_rcnn_inference, fast_rcnn_losses
-from .mask_head import mask_rcnn_inference, mask_rcnn_loss
-from .standard import SampledRoIs, ioa
+from .base import ROIHeadsBase, SampledRoIs, sampled_rois
+from .box_head import FastRCNNPredictor
 
 if TYPE_CHECKING:  # annotations only; instances are passed in by the builder
     from detkit.models.box_coder import BoxCoder
@@ -88,7 +85,7 @@ def average_stage_scores(stage_logits: Sequence[Tensor]) -> Tensor:
     return torch.stack(probs).sum(dim=0) * (1.0 / len(probs))
 
 
-class CascadeROIHeads(nn.Module):
+class CascadeROIHeads(ROIHeadsBase):
     """Cascade (Mask) R-CNN box stages and optional mask branch on pooled FPN features.
 
     Same call and results as :class:`StandardROIHeads`: ``forward(features, proposals, image_sizes,
@@ -134,45 +131,26 @@ class CascadeROIHeads(nn.Module):
         in_features: Sequence[str] = ("p2", "p3", "p4", "p5"),
         crowd_ioa_threshold: float = 0.5,
     ) -> None:
-        super().__init__()
         counts = {len(box_heads), len(box_predictors), len(box_coders), len(proposal_matchers)}
         if len(counts) != 1 or 0 in counts:
             raise ValueError(
                 f"CascadeROIHeads: need one box head, predictor, coder and matcher per stage, got {len(box_heads)}, "
                 f"{len(box_predictors)}, {len(box_coders)} and {len(proposal_matchers)}."
             )
-        if (mask_pooler is None) != (mask_head is None):
-            raise ValueError("CascadeROIHeads: give both mask_pooler and mask_head, or neither.")
+        self._check_mask_branch(mask_pooler, mask_head)
         if not all(getattr(p, "cls_agnostic", False) for p in box_predictors):
             raise ValueError("CascadeROIHeads: every box predictor must be class-agnostic (cls_agnostic=True).")
         classes = {int(p.num_classes) for p in box_predictors}
         if len(classes) != 1:
             raise ValueError(f"CascadeROIHeads: the stages' predictors have different class counts {sorted(classes)}.")
-        self.box_pooler = box_pooler
-        self.box_head = nn.ModuleList(box_heads)
-        self.box_predictor = nn.ModuleList(box_predictors)
-        self.mask_pooler = mask_pooler
-        self.mask_head = mask_head
+        super().__init__(
+            box_pooler, nn.ModuleList(box_heads), nn.ModuleList(box_predictors), mask_pooler, mask_head,
+            classes.pop(), batch_size_per_image, positive_fraction, score_thresh, nms_thresh, detections_per_image,
+            min_box_size, smooth_l1_beta, True, proposal_append_gt, in_features, crowd_ioa_threshold,
+        )
         self.box_coders = list(box_coders)
         self.proposal_matchers = list(proposal_matchers)
         self.num_stages = len(box_heads)
-        self.num_classes = classes.pop()
-        self.cls_agnostic_bbox_reg = True
-        self.batch_size_per_image = int(batch_size_per_image)
-        self.positive_fraction = float(positive_fraction)
-        self.score_thresh = float(score_thresh)
-        self.nms_thresh = float(nms_thresh)
-        self.detections_per_image = int(detections_per_image)
-        self.min_box_size = float(min_box_size)
-        self.smooth_l1_beta = float(smooth_l1_beta)
-        self.proposal_append_gt = bool(proposal_append_gt)
-        self.in_features = tuple(in_features)
-        self.crowd_ioa_threshold = float(crowd_ioa_threshold)
-
-    @property
-    def has_mask(self) -> bool:
-        """True for Cascade Mask R-CNN."""
-        return self.mask_head is not None
 
     def class_layers(self) -> tuple[str, ...]:
         """Names (relative to this module) of the layers whose shapes depend on the class count."""
@@ -190,17 +168,7 @@ class CascadeROIHeads(nn.Module):
         Returns:
             int64 [N] labels in [-1, K] and int64 [N] GT indices (meaningful for positives).
         """
-        gt_boxes = target.boxes.to(boxes)
-        matched_idx, match_labels = self.proposal_matchers[stage](box_iou(gt_boxes, boxes))  # (G, N) IoU
-        gt_classes = torch.full_like(matched_idx, self.num_classes)
-        pos = match_labels == 1
-        gt_classes[pos] = target.labels.to(matched_idx.device)[matched_idx[pos]]
-        gt_classes[match_labels == -1] = -1
-        crowd = target.ignore_boxes
-        if crowd.numel() > 0:
-            in_crowd = ioa(boxes, crowd.to(boxes)).max(dim=1).values >= self.crowd_ioa_threshold
-            gt_classes[in_crowd & ~pos] = -1
-        return gt_classes, matched_idx
+        return self._match(boxes, target, self.proposal_matchers[stage])
 
     def _rois(self, boxes: Tensor, gt_classes: Tensor, matched_idx: Tensor, target: Targets) -> SampledRoIs:
         """The labelled boxes as :class:`SampledRoIs` (positives first, ignored ones dropped)."""
@@ -208,28 +176,11 @@ class CascadeROIHeads(nn.Module):
         pos = torch.nonzero((gt_classes >= 0) & (gt_classes != bg)).squeeze(1)
         neg = torch.nonzero(gt_classes == bg).squeeze(1)
         keep = torch.cat([pos, neg])
-        boxes, gt_classes, matched_idx = boxes[keep], gt_classes[keep], matched_idx[keep]
-        gt_boxes = boxes.clone()  # negatives regress onto themselves (their targets are unused)
-        num_pos = pos.numel()
-        if num_pos > 0:
-            gt_boxes[:num_pos] = target.boxes.to(boxes)[matched_idx[:num_pos]]
-        return SampledRoIs(boxes, gt_classes, matched_idx, gt_boxes, num_pos)
+        return sampled_rois(boxes[keep], gt_classes[keep], matched_idx[keep], pos.numel(), target)
 
-    @torch.no_grad()
-    def sample_proposals(self, proposals: Sequence[Proposals], targets: Sequence[Targets]) -> list[SampledRoIs]:
-        """Stage 0: match proposals (plus GT boxes if ``proposal_append_gt``) and sample RoIs per image."""
-        samples = []
-        for props, target in zip(proposals, targets):
-            boxes = props.boxes.detach()
-            if self.proposal_append_gt and len(target) > 0:
-                boxes = torch.cat([boxes, target.boxes.to(boxes)], dim=0)
-            gt_classes, matched_idx = self.label_boxes(boxes, target, 0)
-            pos_idx, neg_idx = subsample_labels(
-                gt_classes, self.batch_size_per_image, self.positive_fraction, self.num_classes
-            )
-            keep = torch.cat([pos_idx, neg_idx])
-            samples.append(self._rois(boxes[keep], gt_classes[keep], matched_idx[keep], target))
-        return samples
+    def _label_proposals(self, boxes: Tensor, target: Targets) -> tuple[Tensor, Tensor]:
+        """Stage 0's labels of the proposals (plus GT boxes); :meth:`sample_proposals` then samples RoIs."""
+        return self.label_boxes(boxes, target, 0)
 
     @torch.no_grad()
     def relabel(self, boxes: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]],
@@ -253,47 +204,14 @@ class CascadeROIHeads(nn.Module):
             x = ScaleGradient.apply(x, 1.0 / self.num_stages)
         return self.box_predictor[stage](self.box_head[stage](x))
 
-    def forward(
-        self,
-        features: dict[str, Tensor],
-        proposals: Sequence[Proposals],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Optional[Sequence[Targets]] = None,
-    ) -> tuple[list[Detections], dict[str, Tensor]]:
-        """Losses (``targets`` given; detections are then ``[]``) or detections (``targets`` None).
-
-        Args:
-            features: FPN maps keyed like ``in_features`` (e.g. ``p2``..``p5``), [N, C, Hi, Wi].
-            proposals: per image RPN proposals in the padded batch's pixel frame.
-            image_sizes: per image (h, w) of the valid region (boxes are clipped to it).
-            targets: per image ground truth, or None at inference.
-        """
-        missing = [f for f in self.in_features if f not in features]
-        if missing:
-            raise KeyError(
-                f"CascadeROIHeads: features {missing} (in_features={list(self.in_features)}) are not among the "
-                f"given maps {sorted(features)}; set roi_heads.in_features to names the FPN produces."
-            )
-        if len(image_sizes) != len(proposals):
-            raise ValueError(f"CascadeROIHeads: {len(image_sizes)} image sizes for {len(proposals)} images.")
-        feats = [features[f] for f in self.in_features]
-        if targets is not None:
-            return [], self._forward_train(feats, proposals, image_sizes, targets)
-        return self._forward_test(feats, proposals, image_sizes), {}
+    def _check_train_inputs(self, proposals: Sequence[Proposals], image_sizes: Sequence[tuple[int, int]],
+                            targets: Sequence[Targets]) -> None:
+        """The image sizes too (the stages' boxes are clipped to them in training), then the targets."""
+        self._check_image_sizes(proposals, image_sizes)
+        super()._check_train_inputs(proposals, image_sizes, targets)
 
     def _forward_train(self, feats: list[Tensor], proposals: Sequence[Proposals],
                        image_sizes: Sequence[tuple[int, int]], targets: Sequence[Targets]) -> dict[str, Tensor]:
-        if len(targets) != len(proposals):
-            raise ValueError(
-                f"CascadeROIHeads: {len(targets)} targets for {len(proposals)} images; give one Targets per image."
-            )
-        if self.mask_head is not None:
-            for i, t in enumerate(targets):
-                if t.masks is None:
-                    raise ValueError(
-                        f"CascadeROIHeads: image {i} of the batch has no GT masks (Targets.masks is None) but the "
-                        "model has a mask head; load masks in the dataset or set model.meta_architecture: faster_rcnn."
-                    )
         first = samples = self.sample_proposals(proposals, targets)
         losses: dict[str, Tensor] = {}
         next_boxes: list[Tensor] = []  # per image, the boxes the current stage regressed
@@ -304,21 +222,13 @@ class CascadeROIHeads(nn.Module):
             class_logits, box_deltas = self.run_stage(feats, boxes, k)
             rois = torch.cat(boxes, dim=0)
             coder = self.box_coders[k]
-            box_targets = coder.encode(torch.cat([s.gt_boxes for s in samples], dim=0), rois)
-            stage = fast_rcnn_losses(class_logits, box_deltas, torch.cat([s.gt_classes for s in samples], dim=0),
-                                     box_targets, self.smooth_l1_beta)
+            stage = self._box_losses(class_logits, box_deltas, samples, rois, coder)
             losses.update({f"{name}_stage{k}": value for name, value in stage.items()})
             if k + 1 < self.num_stages:
                 next_boxes = _split(coder.decode(box_deltas.detach(), rois), boxes)
 
         if self.mask_head is not None:  # on the positives of stage 0, as Detectron2
-            assert self.mask_pooler is not None
-            pos_boxes = [s.boxes[: s.num_pos] for s in first]
-            pos_matched = [s.matched_idx[: s.num_pos] for s in first]
-            pos_classes = torch.cat([s.gt_classes[: s.num_pos] for s in first], dim=0)
-            mask_logits = self.mask_head(self.mask_pooler(feats, pos_boxes))
-            losses["loss_mask"] = mask_rcnn_loss(mask_logits, pos_boxes, [t.masks for t in targets], pos_matched,
-                                                 pos_classes)
+            losses["loss_mask"] = self._mask_loss(feats, first, targets)
         return losses
 
     def _forward_test(self, feats: list[Tensor], proposals: Sequence[Proposals],
@@ -333,21 +243,5 @@ class CascadeROIHeads(nn.Module):
             stage_logits.append(class_logits)
         scores = average_stage_scores(stage_logits)
         # fast_rcnn_inference takes logits: softmax(log p) = p for rows of p summing to 1
-        results = fast_rcnn_inference(
-            torch.log(scores.clamp(min=_PROB_FLOOR)),
-            box_deltas,
-            boxes,
-            image_sizes,
-            self.box_coders[-1],
-            self.score_thresh,
-            self.nms_thresh,
-            self.detections_per_image,
-            self.min_box_size,
-        )
-        detections = [Detections(boxes=b, scores=s, labels=lab) for b, s, lab in results]
-        if self.mask_head is not None:
-            assert self.mask_pooler is not None
-            mask_logits = self.mask_head(self.mask_pooler(feats, [d.boxes for d in detections]))
-            for det, probs in zip(detections, mask_rcnn_inference(mask_logits, [d.labels for d in detections])):
-                det.masks = probs
-        return detections
+        log_probs = torch.log(scores.clamp(min=_PROB_FLOOR))
+        return self._detections(feats, log_probs, box_deltas, boxes, image_sizes, self.box_coders[-1])
