@@ -310,7 +310,10 @@ class Int8Backbone(nn.Module):
         h, w = int(x.shape[2]), int(x.shape[3])
         bh, bw = self.bucket_for(h, w)
         run = self.graph((bh, bw))
-        outs = [run(_pad_to(x[i : i + 1].float(), bh, bw)) for i in range(x.shape[0])]
+        # freezing here too: a call in another grad mode than the first (no_grad vs inference_mode)
+        # recompiles, and without freezing that graph would run fp32 convolutions on dequantized weights
+        with torch._inductor.config.patch(freezing=True):
+            outs = [run(_pad_to(x[i : i + 1].float(), bh, bw)) for i in range(x.shape[0])]
         feats = {}
         for k, (name, spec) in enumerate(self.output_specs.items()):
             s = spec.stride
