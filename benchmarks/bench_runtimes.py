@@ -222,8 +222,9 @@ def time_runtimes(runners: dict[str, Runner], images: list[np.ndarray], repeats:
     wall = {k: [] for k in names}
     cpu = {k: [] for k in names}
     outs: dict[str, list[Det]] = {k: [] for k in names}
-    for k in names:  # warm-up: first-call allocations, OpenVINO's shape inference, oneDNN primitive caches
-        runners[k](images[0])
+    for k in names:  # warm-up on every image: first-call allocations, OpenVINO's shape inference, oneDNN
+        for img in images:  # primitive caches, int8's compile of each padded size
+            runners[k](img)
     for r in range(repeats):
         for i, img in enumerate(images):
             shift = (i + r) % len(names)
