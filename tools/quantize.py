@@ -11,7 +11,7 @@ print the compile time. Use the result with the same weights:
 
 Needs torchao (``pip install 'detkit[int8]'``) and a CPU with AVX512-VNNI, AVX-VNNI or AMX-INT8.
 
-Example:
+Examples:
   python tools/quantize.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth \\
       --calib-images 32 --output runs/mine/int8
 """
