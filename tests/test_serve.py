@@ -31,12 +31,9 @@ pytest.importorskip("python_multipart", reason="python-multipart is not installe
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from detkit.cli import run_cli  # noqa: E402
 from detkit.data.images import read_image  # noqa: E402
-from detkit.errors import UsageError  # noqa: E402
 from detkit.serve.app import STATIC_DIR, create_app  # noqa: E402
 from detkit.serve.decode import decode_image  # noqa: E402
-from detkit.serve.server import bind_socket  # noqa: E402
 from detkit.serve.settings import ServeOptions, build_predictor  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
@@ -436,54 +433,7 @@ def test_failed_prediction_is_500_and_the_server_keeps_serving(predictor: Any, c
         assert_still_serving(c)
 
 
-# ---------------------------------------------------------------- settings and tools/serve.py
-@pytest.mark.parametrize("field,value,flag", [("max_batch", 0, "--max-batch"), ("max_wait_ms", -1.0, "--max-wait-ms"),
-                                              ("queue_size", 0, "--queue-size"), ("max_bytes", 0, "--max-bytes"),
-                                              ("max_pixels", -5, "--max-pixels"), ("port", 70000, "--port"),
-                                              ("precision", "fp16", "--precision")])
-def test_bad_options_are_one_line_usage_errors(field: str, value: Any, flag: str) -> None:
-    with pytest.raises(UsageError, match=re.escape(flag)):
-        ServeOptions(**{field: value}).validate()
-
-
-def test_port_in_use_is_a_usage_error() -> None:
-    taken = bind_socket("127.0.0.1", 0)
-    try:
-        with pytest.raises(UsageError, match="--port"):
-            bind_socket("127.0.0.1", taken.getsockname()[1])
-    finally:
-        taken.close()
-
-
-def test_missing_serve_extra_says_how_to_install(monkeypatch: pytest.MonkeyPatch,
-                                                capsys: pytest.CaptureFixture) -> None:
-    """What tools/serve.py's main calls first: one line naming the missing package and the pip command."""
-    from detkit.serve.settings import check_serve_extra
-
-    monkeypatch.setitem(sys.modules, "fastapi", None)  # as if not installed: find_spec raises ValueError
-    assert run_cli(lambda argv: check_serve_extra(), [], prog="serve.py") == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("serve.py: error:"), err
-    assert "fastapi" in err[0] and "pip install -e '.[serve]'" in err[0]
-
-
-def test_core_modules_do_not_need_fastapi(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without the serve extra, detkit.serve's settings, decoding and batcher import; only the app does not."""
-    import importlib
-
-    import detkit
-
-    monkeypatch.setattr(detkit, "serve", sys.modules["detkit.serve"])  # restored after the re-imports below
-    for name in [m for m in sys.modules if m == "detkit.serve" or m.startswith("detkit.serve.")]:
-        monkeypatch.delitem(sys.modules, name)
-    for name in ("fastapi", "uvicorn", "starlette", "python_multipart", "multipart"):
-        monkeypatch.setitem(sys.modules, name, None)  # as if not installed
-    for name in ("detkit.serve", "detkit.serve.settings", "detkit.serve.decode", "detkit.serve.batcher"):
-        importlib.import_module(name)
-    with pytest.raises(ImportError):
-        importlib.import_module("detkit.serve.app")
-
-
+# ---------------------------------------------------------------- tools/serve.py end to end
 def test_tool_serves_over_http_and_stops_on_ctrl_c(config_path: Path) -> None:
     proc = subprocess.Popen([sys.executable, str(TOOL), "--config", str(config_path), "--port", "0",
                              "--max-batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
