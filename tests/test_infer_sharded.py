@@ -18,6 +18,7 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 import torch.distributed as dist
+from tiny_configs import TINY_MASK_RCNN
 
 from detkit.cli import run_cli
 from detkit.errors import UsageError
@@ -41,24 +42,6 @@ TOOL = REPO / "tools" / "infer.py"
 NUM_IMAGES = 7
 STOP_AFTER = 3  # the stopped run finishes this many images
 
-# a tiny Mask R-CNN that needs no data: class names in the config, at most 3 detections per image
-TINY_CONFIG = """\
-model:
-  meta_architecture: mask_rcnn
-  num_classes: 3
-  backbone: {name: resnet18, norm: BN, freeze_at: 0}
-  fpn: {out_channels: 32}
-  anchors: {sizes: [[16], [32], [64], [128], [256]]}
-  rpn: {pre_nms_topk_test: 100, post_nms_topk_test: 30}
-  roi_heads:
-    detections_per_image: 3
-    box_head: {fc_dim: 64}
-    mask_head: {conv_dim: 16, num_conv: 1}
-data:
-  class_names: [circle, rectangle, triangle]
-input: {min_size_test: 96, max_size_test: 128}
-"""
-
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
@@ -69,7 +52,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("sharded")
     cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(TINY_CONFIG, encoding="utf-8")
+    cfg_path.write_text(TINY_MASK_RCNN, encoding="utf-8")
     torch.manual_seed(0)
     model = build_detector(load_config(cfg_path), 3)
     with torch.no_grad():

@@ -30,6 +30,7 @@ pytest.importorskip("fastapi", reason="fastapi is not installed: pip install -e 
 pytest.importorskip("python_multipart", reason="python-multipart is not installed: pip install -e '.[serve]'")
 
 from fastapi.testclient import TestClient  # noqa: E402
+from tiny_configs import TINY_MASK_RCNN  # noqa: E402
 
 from detkit.data.images import read_image  # noqa: E402
 from detkit.serve.app import STATIC_DIR, create_app  # noqa: E402
@@ -44,23 +45,9 @@ H, W = 96, 128
 MAX_BYTES, MAX_PIXELS = 100_000, 50_000  # the main app's limits: the test images are ~12k pixels, ~40 kB
 
 # a tiny Mask R-CNN that needs no data: every proposal may become a detection (score threshold 0)
-TINY_CONFIG = """\
-model:
-  meta_architecture: mask_rcnn
-  num_classes: 3
-  backbone: {name: resnet18, norm: BN, freeze_at: 0}
-  fpn: {out_channels: 32}
-  anchors: {sizes: [[16], [32], [64], [128], [256]]}
-  rpn: {pre_nms_topk_test: 100, post_nms_topk_test: 30}
-  roi_heads:
-    score_thresh_test: 0.0
-    detections_per_image: 6
-    box_head: {fc_dim: 64}
-    mask_head: {conv_dim: 16, num_conv: 1}
-data:
-  class_names: [circle, rectangle, triangle]
-input: {min_size_test: 96, max_size_test: 128}
-"""
+# the shared tiny Mask R-CNN, keeping every detection (up to 6) however low its score
+TINY_CONFIG = TINY_MASK_RCNN.replace("    detections_per_image: 3\n",
+                                     "    score_thresh_test: 0.0\n    detections_per_image: 6\n")
 
 
 # ---------------------------------------------------------------- images

@@ -13,6 +13,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from tiny_configs import TINY_MASK_RCNN
 
 from detkit.cli import run_cli
 from detkit.data.classes import ClassInfo
@@ -37,24 +38,6 @@ REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "infer.py"
 CLASSES = ["circle", "rectangle", "triangle"]
 
-# a tiny Mask R-CNN that needs no data: class names in the config, at most 3 detections per image
-TINY_CONFIG = """\
-model:
-  meta_architecture: mask_rcnn
-  num_classes: 3
-  backbone: {name: resnet18, norm: BN, freeze_at: 0}
-  fpn: {out_channels: 32}
-  anchors: {sizes: [[16], [32], [64], [128], [256]]}
-  rpn: {pre_nms_topk_test: 100, post_nms_topk_test: 30}
-  roi_heads:
-    detections_per_image: 3
-    box_head: {fc_dim: 64}
-    mask_head: {conv_dim: 16, num_conv: 1}
-data:
-  class_names: [circle, rectangle, triangle]
-input: {min_size_test: 96, max_size_test: 128}
-"""
-
 
 def run_tool(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(TOOL), *args], cwd=cwd, capture_output=True, text=True, timeout=180)
@@ -76,7 +59,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("infer")
     cfg_path = root / "tiny.yaml"
-    cfg_path.write_text(TINY_CONFIG, encoding="utf-8")
+    cfg_path.write_text(TINY_MASK_RCNN, encoding="utf-8")
     torch.manual_seed(0)
     model = build_detector(load_config(cfg_path), len(CLASSES))
     pred = model.roi_heads.box_predictor
@@ -357,7 +340,7 @@ def test_save_json_is_a_coco_results_file(setup: dict[str, Path], tmp_path: Path
     # recorded ids (as train_det writes them) and a GT file listing the images under other ids
     cat_ids = [3, 7, 9]
     cfg = tmp_path / "recorded.yaml"
-    cfg.write_text(TINY_CONFIG.replace("data:\n", f"data:\n  category_ids: {cat_ids}\n"), encoding="utf-8")
+    cfg.write_text(TINY_MASK_RCNN.replace("data:\n", f"data:\n  category_ids: {cat_ids}\n"), encoding="utf-8")
     gt = {
         "images": [{"id": 42, "file_name": "val/img0.png", "height": 96, "width": 128},
                    {"id": 1001, "file_name": "img1.png", "height": 96, "width": 128},
