@@ -167,10 +167,10 @@ class Predictor:
             self.precision = resolve_precision(self.precision, self.device)
             fold_frozen_bn(self.model)  # a smaller graph; the PyTorch model stays available as .model
             self._openvino = OpenVINODetector(self.model, self.precision, sample_size=trace_size(cfg))
-            optimize = False
         else:
             self._prepare_pytorch(optimize, fold_bn, quantized, calibration)
-        self._autocast = self.precision == "bf16" and not optimize
+        # bf16 through autocast only for the unoptimized PyTorch model (OpenVINO picks its own precision)
+        self._autocast = self.precision == "bf16" and not optimize and self._openvino is None
 
     def _prepare_pytorch(self, optimize: bool, fold_bn: bool, quantized: Union[None, str, os.PathLike],
                          calibration: Union[None, int, Sequence[np.ndarray]]) -> None:
