@@ -18,7 +18,7 @@ from detkit import Predictor  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
 from detkit.quantize import (  # noqa: E402
-    Int8Backbone, QuantizationError, int8_supported, load_quantized, size_buckets)
+    Int8Backbone, Int8RPNHead, QuantizationError, int8_supported, load_quantized, size_buckets)
 
 TINY = {
     "model": {
@@ -75,7 +75,9 @@ def _matches(res, ref, iou_min: float) -> tuple[float, float]:
 
 
 def test_size_buckets() -> None:
-    assert size_buckets(800, 1333, 32) == [(800, 1088), (800, 1344), (1088, 800), (1344, 800)]
+    assert size_buckets(800, 1333, 32) == [(800, 960), (800, 1088), (800, 1216), (800, 1344),
+                                           (960, 800), (1088, 800), (1216, 800), (1344, 800)]
+    assert size_buckets(800, 1333, 32, steps=2) == [(800, 1088), (800, 1344), (1088, 800), (1344, 800)]
     assert size_buckets(96, 160, 32, steps=1) == [(96, 160), (160, 96)]
     assert size_buckets(100, 0, 32, steps=1) == [(128, 416), (416, 128)]  # no cap: up to 4x the short side
 
@@ -88,10 +90,12 @@ def test_int8_matches_fp32_and_reloads(files) -> None:
     fp32 = Predictor(cfg_path, weights=weights).predict(images)
     pred = Predictor(cfg_path, weights=weights, precision="int8", calibration=calib)
     assert pred.precision == "int8" and isinstance(pred.model.backbone, Int8Backbone)
+    assert isinstance(pred.model.rpn.head, Int8RPNHead) and pred.int8_state.rpn_head
     assert pred.int8_state.meta["calibration_images"] == 3
     res = pred.predict(images)
     compiled = pred.model.backbone.compile_seconds
     assert list(compiled) == [(96, 160)], compiled  # both padded inputs fit the 96x160 bucket: one graph
+    assert list(pred.model.rpn.head.compile_seconds) == [(96, 160)]  # the head picks the same bucket
     # int8 graph really in use: the compiled code runs oneDNN's quantized convolutions
     with torch.profiler.profile() as prof:
         pred(images[0])
@@ -121,7 +125,8 @@ def test_int8_matches_fp32_and_reloads(files) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["fingerprint"] == pred.int8_state.fingerprint and manifest["calibration_images"] == 3
     data = torch.load(out / "int8_observers.pt", weights_only=True)  # tensors and strings only
-    assert set(data) == {"format", "fingerprint", "observers", "meta"}
+    assert set(data) == {"format", "fingerprint", "observers", "rpn_head_observers", "meta"}
+    assert manifest["rpn_head_observer_tensors"] == len(data["rpn_head_observers"]) > 0
     again = Predictor(cfg_path, weights=weights, precision="int8", quantized=out).predict(images)
     for a, r in zip(again, res):
         np.testing.assert_array_equal(a.boxes, r.boxes)
@@ -135,6 +140,38 @@ def test_int8_matches_fp32_and_reloads(files) -> None:
     with pytest.raises(QuantizationError, match="calibrated for other weights") as e:
         Predictor(cfg_path, weights=other, precision="int8", quantized=out)
     assert str(out / "int8_observers.pt") in str(e.value) and "\n" not in str(e.value)
+    other = {k: v.clone() for k, v in torch.load(weights, weights_only=True).items()}
+    other["rpn.head.objectness.bias"] += 0.01  # the RPN head's weights are fingerprinted too
+    with pytest.raises(QuantizationError, match="calibrated for other weights"):
+        Predictor(cfg_path, weights=other, precision="int8", quantized=out)
+
+
+@needs_int8
+def test_int8_rpn_head(files) -> None:
+    """The int8 RPN head against the fp32 head on the same features, and its bucket padding: a level
+    zero-padded into a larger bucket gives what the graph of its own size gives."""
+    _, cfg_path, weights = files
+    pred = Predictor(cfg_path, weights=weights, precision="int8", calibration=[_image(seed=s) for s in range(3)])
+    head = pred.model.rpn.head
+    fp32 = Predictor(cfg_path, weights=weights).model
+    x = fp32.preprocess([torch.from_numpy(pred.transform(_image(150, 150, seed=11)).image).permute(2, 0, 1)])[0]
+    bucket = head.buckets.bucket_for(96, 96)
+    assert tuple(x.shape[-2:]) == (96, 96) and bucket in [(96, 128), (128, 96)]  # padded input, a larger bucket
+    with torch.no_grad():
+        feats = fp32.backbone(x)
+        levels = [feats[k] for k in fp32.rpn.in_features]
+        ref = fp32.rpn.head(levels)
+        got = head([f.to(head.input_dtype).contiguous(memory_format=torch.channels_last) for f in levels])
+        assert list(head.compile_seconds) == [bucket]
+        for r, g in zip([*ref[0], *ref[1]], [*got[0], *got[1]]):
+            assert g.shape == r.shape and g.dtype == torch.float32
+            err = float((g - r).norm() / r.norm())
+            assert err < 0.15, f"relative error {err:.3f}"  # measured 0.01-0.05
+        head.buckets.sizes.insert(0, (96, 96))  # now the level's own size is a bucket
+        exact = head([f.to(head.input_dtype).contiguous(memory_format=torch.channels_last) for f in levels])
+    assert sorted(head.compile_seconds) == sorted([(96, 96), bucket])
+    for e, g in zip([*exact[0], *exact[1]], [*got[0], *got[1]]):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-5)
 
 
 def test_fallback_warns_once(files, monkeypatch, caplog) -> None:
@@ -155,11 +192,13 @@ def test_fallback_warns_once(files, monkeypatch, caplog) -> None:
 def test_bad_quantized_files(files, tmp_path) -> None:
     _, cfg_path, weights = files
     for bad, match in [(tmp_path / "missing", "not found"), (tmp_path / "garbage.pt", "cannot read"),
-                       (tmp_path / "other.pt", "not a detkit int8 file")]:
+                       (tmp_path / "other.pt", "not a detkit int8 file"), (tmp_path / "old.pt", "write it again")]:
         if bad.name == "garbage.pt":
             bad.write_bytes(b"not a torch file")
         elif bad.name == "other.pt":
             torch.save({"weights": torch.zeros(2)}, bad)
+        elif bad.name == "old.pt":  # the format before the RPN head was quantized
+            torch.save({"format": "detkit-int8-observers/1", "fingerprint": "0", "observers": {}}, bad)
         with pytest.raises(QuantizationError, match=match) as e:
             load_quantized(bad)
         assert str(bad) in str(e.value) and "\n" not in str(e.value)

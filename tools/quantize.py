@@ -1,10 +1,10 @@
 #!/usr/bin/env python
-"""Quantize a detector's backbone + FPN to int8 (post-training static, PT2E + x86 quantizer).
+"""Quantize a detector's backbone + FPN and RPN head to int8 (post-training static, PT2E + x86 quantizer).
 
 Calibrates on ``--calib-images`` images of ``data.train`` (through the test-time transform), writes
 ``--output``/int8_observers.pt (the calibration statistics: tensors and strings, read back with
 ``torch.load(weights_only=True)``) and ``manifest.json``, then compiles the size buckets once to
-print the compile time. Use the result with the same weights:
+print the compile times (``--no-compile`` skips it). Use the result with the same weights:
 
     Predictor(config, weights=..., precision="int8", quantized="runs/mine/int8")
     # or test.precision=int8 test.int8_quantized=runs/mine/int8 in the config
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from detkit import Predictor
     from detkit.config import load_detection_config
     from detkit.errors import UsageError
-    from detkit.quantize import calibration_images, int8_supported, resolve_int8, save_quantized
+    from detkit.quantize import Int8RPNHead, calibration_images, int8_supported, resolve_int8, save_quantized
 
     if not int8_supported("cpu"):
         raise UsageError(f"int8 is not available here ({resolve_int8('cpu')} would be used); see the warning")
@@ -63,16 +63,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"calibrated on {len(images)} images in {state.meta['calibration_s']:.1f} s "
           f"(Predictor ready in {time.perf_counter() - t0:.1f} s wall, {time.process_time() - c0:.1f} s CPU; "
           f"{torch.get_num_threads()} threads)")
-    backbone = pred.model.backbone
+    graphs = {"backbone": pred.model.backbone}
+    if isinstance(pred.model.rpn.head, Int8RPNHead):  # not for a custom RPN head
+        graphs["RPN head"] = pred.model.rpn.head
+    buckets = pred.model.backbone.buckets.sizes
     if not args.no_compile:
-        for bucket in backbone.buckets:
-            backbone.graph(bucket)
-            print(f"compiled the int8 backbone for {bucket[0]}x{bucket[1]} inputs in "
-                  f"{backbone.compile_seconds[bucket]:.1f} s")
+        for bucket in buckets:
+            for name, part in graphs.items():
+                part.graph(bucket)
+                print(f"compiled the int8 {name} for {bucket[0]}x{bucket[1]} inputs in "
+                      f"{part.compile_seconds[bucket]:.1f} s")
     file = save_quantized(state, args.output, {
         "config": str(args.config), "weights": str(args.weights or cfg.model.weights), "seed": args.seed,
-        "buckets": [list(b) for b in backbone.buckets],
-        "compile_s": {f"{h}x{w}": s for (h, w), s in backbone.compile_seconds.items()},
+        "buckets": [list(b) for b in buckets],
+        "compile_s": {f"{name} {h}x{w}": s for name, part in graphs.items()
+                      for (h, w), s in part.compile_seconds.items()},
     })
     print(f"wrote {file} and {file.parent / 'manifest.json'} (fingerprint {state.fingerprint})")
     return 0

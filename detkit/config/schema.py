@@ -278,12 +278,13 @@ class TrainConfig(_Strict):
 class TestConfig(_Strict):
     batch_size: int = 1
     precision: Literal["fp32", "bf16", "int8"] = "fp32"  # int8: Predictor only (detkit.quantize), CPUs with VNNI/AMX
-    # int8 (post-training static quantization of the backbone + FPN): images of data.train calibrated on,
-    # the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the long-side
-    # steps of the padded input sizes compiled for (one static graph each, both orientations)
+    # int8 (post-training static quantization of the backbone + FPN and the RPN head): images of data.train
+    # calibrated on, the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the
+    # long-side steps of the padded input sizes compiled for (one static graph each, both orientations, on
+    # first use; 4 at 800/1333: long sides 960, 1088, 1216, 1344; 2 padded COCO's 1199-wide images to 1344)
     int8_calibration_images: int = Field(32, ge=1)
     int8_quantized: Optional[str] = None
-    int8_bucket_steps: int = Field(2, ge=1)
+    int8_bucket_steps: int = Field(4, ge=1)
     # Predictor runtime: pytorch, or openvino (detkit's ONNX export compiled by OpenVINO: the [openvino] extra)
     runtime: Literal["pytorch", "openvino"] = "pytorch"
     eval_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
