@@ -100,7 +100,7 @@ class Predictor:
             linear layers and a multi-threaded RoIAlign on CPU, bf16 weights for ``precision="bf16"``;
             fp32 results equal up to float rounding). False keeps the plain modules (bf16 then uses
             autocast; int8 needs True).
-        quantized: for ``precision="int8"`` (:mod:`detkit.quantize`: the backbone + FPN and RPN head in int8, the
+        quantized: for ``precision="int8"`` (:mod:`detkit.quantize`: the backbone + FPN, RPN head and box FCs in int8, the
             rest in bf16 where native, else fp32; CPUs with VNNI or AMX-INT8, and torchao, else bf16 /
             fp32 with a warning): the folder ``tools/quantize.py`` or :meth:`save_quantized` wrote for
             these weights; default ``test.int8_quantized``; None: calibrate now.

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Quantize a detector's backbone + FPN and RPN head to int8 (post-training static, PT2E + x86 quantizer).
+"""Quantize a detector's backbone + FPN, RPN head and box head FCs to int8 (post-training static, PT2E).
 
 Calibrates on ``--calib-images`` images of ``data.train`` (through the test-time transform), writes
 ``--output``/int8_observers.pt (the calibration statistics: tensors and strings, read back with
@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from detkit import Predictor
     from detkit.config import load_detection_config
     from detkit.errors import UsageError
-    from detkit.quantize import Int8RPNHead, calibration_images, int8_supported, resolve_int8, save_quantized
+    from detkit.quantize import Int8BoxHead, Int8RPNHead, calibration_images, int8_supported, resolve_int8, save_quantized
 
     if not int8_supported("cpu"):
         raise UsageError(f"int8 is not available here ({resolve_int8('cpu')} would be used); see the warning")
@@ -66,6 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     graphs = {"backbone": pred.model.backbone}
     if isinstance(pred.model.rpn.head, Int8RPNHead):  # not for a custom RPN head
         graphs["RPN head"] = pred.model.rpn.head
+    box_head = pred.model.roi_heads.box_head
     buckets = pred.model.backbone.buckets.sizes
     if not args.no_compile:
         for bucket in buckets:
@@ -73,11 +74,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 part.graph(bucket)
                 print(f"compiled the int8 {name} for {bucket[0]}x{bucket[1]} inputs in "
                       f"{part.compile_seconds[bucket]:.1f} s")
+        if isinstance(box_head, Int8BoxHead):  # one graph for any RoI count
+            box_head.graph()
+            print(f"compiled the int8 box head in {box_head.compile_seconds:.1f} s")
     file = save_quantized(state, args.output, {
         "config": str(args.config), "weights": str(args.weights or cfg.model.weights), "seed": args.seed,
         "buckets": [list(b) for b in buckets],
-        "compile_s": {f"{name} {h}x{w}": s for name, part in graphs.items()
-                      for (h, w), s in part.compile_seconds.items()},
+        "compile_s": {**{f"{name} {h}x{w}": s for name, part in graphs.items()
+                         for (h, w), s in part.compile_seconds.items()},
+                      **({"box head": box_head.compile_seconds} if isinstance(box_head, Int8BoxHead) else {})},
     })
     print(f"wrote {file} and {file.parent / 'manifest.json'} (fingerprint {state.fingerprint})")
     return 0

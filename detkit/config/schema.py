@@ -278,7 +278,7 @@ class TrainConfig(_Strict):
 class TestConfig(_Strict):
     batch_size: int = 1
     precision: Literal["fp32", "bf16", "int8"] = "fp32"  # int8: Predictor only (detkit.quantize), CPUs with VNNI/AMX
-    # int8 (post-training static quantization of the backbone + FPN and the RPN head): images of data.train
+    # int8 (post-training static quantization of the backbone + FPN, RPN head and box FCs): images of data.train
     # calibrated on, the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the
     # long-side steps of the padded input sizes compiled for (one static graph each, both orientations, on
     # first use; 4 at 800/1333: long sides 960, 1088, 1216, 1344; 2 padded COCO's 1199-wide images to 1344)

@@ -1,16 +1,18 @@
-"""int8 inference: post-training static quantization of the backbone + FPN and the RPN head (PT2E, x86 quantizer, inductor).
+"""int8 inference: post-training static quantization of the backbone + FPN, RPN head and box head FCs (PT2E, inductor).
 
 PyTorch's own flow (torchao's PT2E, :mod:`.graphs`): the fp32 backbone+FPN (BatchNorms folded) and
-the RPN head are exported with ``torch.export``, annotated by ``X86InductorQuantizer``, calibrated
+the heads are exported with ``torch.export``, annotated by ``X86InductorQuantizer``, calibrated
 on images of the training set through the test-time transform (:func:`calibration_images`),
 converted and lowered by ``torch.compile`` (inductor with freezing) into oneDNN int8 convolutions
-(VNNI / AMX-INT8). Two graphs, each compiled per padded size bucket (:mod:`.backbone`):
+(VNNI / AMX-INT8). Three graphs, the first two compiled per padded size bucket (:mod:`.backbone`):
 
 * :class:`Int8Backbone` replaces ``model.backbone``: the backbone and FPN, all in int8;
 * :class:`Int8RPNHead` replaces ``model.rpn.head``: its 3x3 conv tower in int8 and its 1x1
-  predictors in fp32 (:mod:`.rpn_head`).
+  predictors in fp32 (:mod:`.rpn_head`);
+* :class:`Int8BoxHead` replaces a "2fc" ``model.roi_heads.box_head``: its FC layers in int8, one
+  graph with a dynamic RoI count (:mod:`.box_head`).
 
-The RPN's decoding and NMS, the RoI heads and everything after run as
+The RPN's decoding and NMS, RoIAlign, the box predictor, the mask head and everything after run as
 :func:`detkit.speed.optimize_for_inference` makes them (bf16 where the CPU runs it natively, else
 fp32). Calibration statistics are saved and reloaded safely (:mod:`.state`).
 
@@ -31,11 +33,13 @@ from ..config import DetectionConfig
 from ..machine import bf16_supported, cpu_flags
 from .backbone import Features, Int8Backbone, SizeBuckets, size_buckets
 from .graphs import as_tensor, export, observer_state, pad_to, prepare
-from .rpn_head import Int8RPNHead, calibration_graph, quantizable_rpn_head
+from . import box_head as _box, rpn_head as _rpn
+from .box_head import Int8BoxHead, quantizable_box_head
+from .rpn_head import Int8RPNHead, quantizable_rpn_head
 from .state import FORMAT, Int8State, QuantizationError, load_quantized, save_quantized, weights_fingerprint
 
 __all__ = [
-    "INT8_FLAGS", "FORMAT", "QuantizationError", "Int8State", "Int8Backbone", "Int8RPNHead", "SizeBuckets",
+    "INT8_FLAGS", "FORMAT", "QuantizationError", "Int8State", "Int8Backbone", "Int8RPNHead", "Int8BoxHead", "SizeBuckets",
     "torchao_available", "int8_supported", "calibration_images", "size_buckets", "weights_fingerprint",
     "calibrate", "save_quantized", "load_quantized", "resolve_int8", "int8_model",
 ]
@@ -87,9 +91,9 @@ def calibration_images(cfg: DetectionConfig, n: int, seed: int = 0) -> list:
 
 
 def _int8_parts(model: nn.Module) -> nn.Module:
-    """What the int8 graphs compute, for the fingerprint: the backbone (and the RPN head)."""
-    head = quantizable_rpn_head(model)
-    return nn.ModuleDict({"backbone": model.backbone, **({"rpn_head": head} if head is not None else {})})
+    """What the int8 graphs compute, for the fingerprint: the backbone (and the RPN and box heads)."""
+    heads = {"rpn_head": quantizable_rpn_head(model), "box_head": quantizable_box_head(model)}
+    return nn.ModuleDict({"backbone": model.backbone, **{k: v for k, v in heads.items() if v is not None}})
 
 
 def _rpn_strides(model: nn.Module) -> list[int]:
@@ -99,34 +103,46 @@ def _rpn_strides(model: nn.Module) -> list[int]:
 
 def calibrate(model: nn.Module, images: Sequence[Any], fingerprint: str,
               head_input: torch.dtype = torch.float32) -> Int8State:
-    """Observe the activations of ``model.backbone`` (fp32, BNs folded) and of its RPN head on
-    ``images`` (uint8 HxWx3 RGB arrays at test size, or [3, H, W] tensors), through the detector's
-    own preprocessing; the head sees the features in ``head_input``, the dtype it will get them in."""
+    """Observe the activations of ``model.backbone`` (fp32, BNs folded), of its RPN head and of its
+    box head on ``images`` (uint8 HxWx3 RGB arrays at test size, or [3, H, W] tensors), through the
+    detector's own preprocessing, RPN and RoI pooling; the heads see their inputs in ``head_input``,
+    the dtype they will get them in."""
     from torch.export import Dim
 
     if not images:
         raise QuantizationError("calibration needs at least one image")
     d = max(int(model.size_divisibility), 32)
     t0 = time.perf_counter()
-    batches = [model.preprocess([as_tensor(im)])[0] for im in images]
-    batches = [pad_to(b, max(b.shape[2], 2 * d), max(b.shape[3], 2 * d)) for b in batches]
-    # H, W multiples of d (what the detector's padding gives), >= 2d
-    shapes = {"x": {2: d * Dim("h", min=2, max=4096), 3: d * Dim("w", min=2, max=4096)}}
-    backbone = prepare(export(Features(model.backbone), (batches[0],), shapes))
-    head, names = quantizable_rpn_head(model), list(model.backbone.output_specs)
-    head_graph = None
+    backbone = None
+    rpn, box = quantizable_rpn_head(model), quantizable_box_head(model)
+    rpn_graph = box_graph = None
+    names = list(model.backbone.output_specs)
     with torch.no_grad():
-        for b in batches:
-            feats = backbone(b)
-            if head is not None:
-                ins = [feats[names.index(k)].to(head_input).contiguous(memory_format=torch.channels_last)
+        for im in images:
+            x, sizes = model.preprocess([as_tensor(im)])
+            x = pad_to(x, max(x.shape[2], 2 * d), max(x.shape[3], 2 * d))
+            if backbone is None:  # H, W multiples of d (what the detector's padding gives), >= 2d
+                shapes = {"x": {2: d * Dim("h", min=2, max=4096), 3: d * Dim("w", min=2, max=4096)}}
+                backbone = prepare(export(Features(model.backbone), (x,), shapes))
+            feats = dict(zip(names, backbone(x)))
+            if rpn is not None:
+                ins = [feats[k].to(head_input).contiguous(memory_format=torch.channels_last)
                        for k in model.rpn.in_features]
-                head_graph = head_graph or calibration_graph(head, ins)
-                head_graph(*ins)
-    meta = {"calibration_images": len(batches), "calibration_s": round(time.perf_counter() - t0, 2),
-            "rpn_head_input": str(head_input).replace("torch.", "")}
+                rpn_graph = rpn_graph or _rpn.calibration_graph(rpn, ins)
+                rpn_graph(*ins)
+            if box is not None:
+                proposals, _ = model.rpn(sizes, feats, None)
+                pooled = model.roi_heads.box_pooler([feats[k] for k in model.roi_heads.in_features],
+                                                    [p.boxes for p in proposals]).to(head_input)
+                if pooled.shape[0]:
+                    box_graph = box_graph or _box.calibration_graph(box, pooled)
+                    box_graph(_box.pad_rows(pooled))
+    head_input_name = str(head_input).replace("torch.", "")
+    meta = {"calibration_images": len(images), "calibration_s": round(time.perf_counter() - t0, 2),
+            "rpn_head_input": head_input_name, "box_head_input": head_input_name}
     return Int8State(observer_state(backbone), fingerprint, meta,
-                     rpn_head=observer_state(head_graph) if head_graph is not None else {})
+                     rpn_head=observer_state(rpn_graph) if rpn_graph is not None else {},
+                     box_head=observer_state(box_graph) if box_graph is not None else {})
 
 
 def resolve_int8(device: Union[str, torch.device] = "cpu") -> str:
@@ -143,7 +159,8 @@ def resolve_int8(device: Union[str, torch.device] = "cpu") -> str:
 def int8_model(model: nn.Module, cfg: DetectionConfig, quantized: Union[None, str, os.PathLike] = None,
                calibration: Union[None, int, Sequence[Any]] = None) -> tuple[Int8State, str]:
     """Make ``model`` (eval, fp32, weights loaded, on CPU) an int8 model, in place: its backbone an
-    :class:`Int8Backbone`, its RPN head (when quantizable) an :class:`Int8RPNHead`.
+    :class:`Int8Backbone`, its RPN head an :class:`Int8RPNHead` and its box head an
+    :class:`Int8BoxHead` (the heads where quantizable).
 
     The statistics come from ``quantized`` (a :func:`save_quantized` folder, checked against the
     weights), else from calibrating on ``calibration`` (images, or a number of ``data.train``
@@ -165,8 +182,11 @@ def int8_model(model: nn.Module, cfg: DetectionConfig, quantized: Union[None, st
         state = calibrate(model, images, fingerprint, out_dtype)
     buckets = SizeBuckets(size_buckets(cfg.input.min_size_test, cfg.input.max_size_test, model.size_divisibility,
                                        cfg.test.int8_bucket_steps), model.size_divisibility)
-    head = quantizable_rpn_head(model)
+    rpn, box = quantizable_rpn_head(model), quantizable_box_head(model)
     model.backbone = Int8Backbone(model.backbone, state, buckets, out_dtype)
-    if head is not None and state.rpn_head:
-        model.rpn.head = Int8RPNHead(head, state, buckets, _rpn_strides(model))
+    if rpn is not None and state.rpn_head:
+        model.rpn.head = Int8RPNHead(rpn, state, buckets, _rpn_strides(model))
+    if box is not None and state.box_head:
+        side = model.roi_heads.box_pooler.output_size[0]
+        model.roi_heads.box_head = Int8BoxHead(box, state, (box.fcs[0].in_features // (side * side), side, side))
     return state, rest

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from .graphs import compile_static, export, load_observers, pad_to, prepare, run_frozen
+from .graphs import compile_graph, export, load_observers, pad_to, prepare, run_frozen
 from .state import Int8State
 
 logger = logging.getLogger("detkit")
@@ -96,7 +96,7 @@ class Int8Backbone(nn.Module):
             example = torch.zeros(1, 3, *bucket)
             prepared = prepare(export(Features(self._fp32[0]), (example,)))
             load_observers(prepared, self.state.observers, self.state.source)
-            self._graphs[bucket], seconds = compile_static(prepared, (example,))
+            self._graphs[bucket], seconds = compile_graph(prepared, (example,))
             self.compile_seconds[bucket] = round(seconds, 2)
             logger.info("int8: compiled the backbone for %dx%d inputs in %.1f s", *bucket, seconds)
         return self._graphs[bucket]

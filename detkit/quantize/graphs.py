@@ -100,13 +100,14 @@ def load_observers(prepared: torch.fx.GraphModule, state: dict[str, Tensor], sou
                                     f"({str(e).splitlines()[0]}); quantize again") from None
 
 
-def compile_static(prepared: torch.fx.GraphModule, example: Sequence[Tensor]) -> tuple[Any, float]:
-    """Convert a prepared graph (observers loaded) and compile it for the shapes of ``example``;
-    returns the compiled callable and the seconds it took (compiling happens in its first run)."""
+def compile_graph(prepared: torch.fx.GraphModule, example: Sequence[Tensor], dynamic: bool = False) -> tuple[Any, float]:
+    """Convert a prepared graph (observers loaded) and compile it for the shapes of ``example``
+    (``dynamic``: for the dynamic dims it was exported with); returns the compiled callable and the
+    seconds it took (compiling happens in its first run)."""
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
     t0 = time.perf_counter()
-    compiled = torch.compile(convert_pt2e(prepared), dynamic=False)
+    compiled = torch.compile(convert_pt2e(prepared), dynamic=dynamic)
     # freezing (weights as constants) lets inductor prepack the int8 weights and fuse the
     # quantize / dequantize pattern into oneDNN int8 convolutions
     with torch.no_grad(), torch._inductor.config.patch(freezing=True):
@@ -115,10 +116,10 @@ def compile_static(prepared: torch.fx.GraphModule, example: Sequence[Tensor]) ->
 
 
 def run_frozen(compiled: Any, *inputs: Tensor) -> Any:
-    """Call a graph of :func:`compile_static`. Freezing here too: a call in another grad mode than
-    the first (no_grad vs inference_mode) recompiles, and without freezing that graph would run fp32
-    convolutions on dequantized weights."""
-    with torch._inductor.config.patch(freezing=True):
+    """Call a graph of :func:`compile_graph`, without gradients and with freezing: a call in another
+    grad mode than the first (no_grad vs inference_mode) recompiles, and without freezing (which
+    also needs gradients off) that graph would run fp32 matmuls on dequantized weights."""
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
         return compiled(*inputs)
 
 

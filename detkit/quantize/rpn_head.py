@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbone import SizeBuckets
-from .graphs import compile_static, export, load_observers, prepare, run_frozen
+from .graphs import compile_graph, export, load_observers, prepare, run_frozen
 from .state import Int8State
 
 logger = logging.getLogger("detkit")
@@ -125,7 +125,7 @@ class Int8RPNHead(nn.Module):
             graph = HeadGraph(head, len(example))
             prepared = prepare(export(graph, example, None, "the RPN head"), graph.skip())
             load_observers(prepared, self.state.rpn_head, self.state.source)
-            self._graphs[bucket], seconds = compile_static(prepared, example)
+            self._graphs[bucket], seconds = compile_graph(prepared, example)
             self.compile_seconds[bucket] = round(seconds, 2)
             logger.info("int8: compiled the RPN head for %dx%d inputs in %.1f s", *bucket, seconds)
         return self._graphs[bucket]

@@ -1,7 +1,7 @@
 """What int8 calibration computed (:class:`Int8State`), and its saved form.
 
 Saved form (:func:`save_quantized` / :func:`load_quantized`): the observers' statistics (histograms,
-min/max) of the backbone graph and of the RPN head graph, and a fingerprint of the fp32 weights they
+min/max) of the backbone graph and of the RPN and box head graphs, and a fingerprint of the fp32 weights they
 belong to, in a ``torch.save`` file read back with ``torch.load(weights_only=True)`` (tensors,
 strings, numbers and dicts only: no code, no pickled classes), plus a ``manifest.json``. Loading
 re-exports the model given to the Predictor, checks the fingerprint, loads the statistics and
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import DetkitError
 
-#: /2: the RPN head's statistics too; /1 (backbone + FPN only) files are refused with what to do
+#: /2: the RPN and box heads' statistics too; /1 (backbone + FPN only) files are refused with what to do
 FORMAT = "detkit-int8-observers/2"
 _OLD_FORMATS = ("detkit-int8-observers/1",)
 _FILE, _MANIFEST = "int8_observers.pt", "manifest.json"
@@ -51,12 +51,13 @@ class Int8State:
     Attributes:
         observers: ``activation_post_process_*`` buffers of the prepared backbone graph, by
             ``"<observed node>.<buffer>"``.
-        fingerprint: :func:`weights_fingerprint` of the fp32 backbone and RPN head (before BN folding).
+        fingerprint: :func:`weights_fingerprint` of the fp32 backbone, RPN head and box head (before BN folding).
         meta: JSON-able facts (images, seconds, versions, ``rpn_head_input``: the dtype the RPN
             head graph was calibrated with) for the manifest.
         source: the file it was read from, or ``"calibration"``.
         rpn_head: the same for the RPN head graph (:class:`~detkit.quantize.rpn_head.Int8RPNHead`);
             empty when the model's head is not quantized.
+        box_head: the same for the box head graph (:class:`~detkit.quantize.box_head.Int8BoxHead`).
     """
 
     observers: dict[str, Tensor]
@@ -64,6 +65,7 @@ class Int8State:
     meta: dict[str, Any] = field(default_factory=dict)
     source: str = "calibration"
     rpn_head: dict[str, Tensor] = field(default_factory=dict)
+    box_head: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _versions() -> dict[str, str]:
@@ -78,9 +80,11 @@ def save_quantized(state: Int8State, path: Union[str, os.PathLike], extra: Optio
     out.mkdir(parents=True, exist_ok=True)
     meta = {**state.meta, **_versions(), **(extra or {})}
     torch.save({"format": FORMAT, "fingerprint": state.fingerprint, "observers": state.observers,
-                "rpn_head_observers": state.rpn_head, "meta": json.dumps(meta, default=str)}, out / _FILE)
+                "rpn_head_observers": state.rpn_head, "box_head_observers": state.box_head,
+                "meta": json.dumps(meta, default=str)}, out / _FILE)
     manifest = {"format": FORMAT, "file": _FILE, "fingerprint": state.fingerprint,
-                "observer_tensors": len(state.observers), "rpn_head_observer_tensors": len(state.rpn_head), **meta}
+                "observer_tensors": len(state.observers), "rpn_head_observer_tensors": len(state.rpn_head),
+                "box_head_observer_tensors": len(state.box_head), **meta}
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
     return out / _FILE
 
@@ -106,4 +110,4 @@ def load_quantized(path: Union[str, os.PathLike], fingerprint: Optional[str] = N
         raise QuantizationError(f"int8: {file} was calibrated for other weights (fingerprint "
                                 f"{data.get('fingerprint')}, these are {fingerprint}); quantize these weights")
     return Int8State(dict(data["observers"]), str(data["fingerprint"]), json.loads(data.get("meta") or "{}"),
-                     str(file), dict(data.get("rpn_head_observers") or {}))
+                     str(file), dict(data.get("rpn_head_observers") or {}), dict(data.get("box_head_observers") or {}))
