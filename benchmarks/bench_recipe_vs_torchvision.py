@@ -186,7 +186,6 @@ def run_torchvision(args: argparse.Namespace, seed: int, train: Path, test: Path
 
     coco = COCO(str(train))
     ids = [i for i in sorted(coco.imgs) if any(not a.get("iscrowd", 0) for a in coco.imgToAnns[i])]
-    groups = {g: [i for i in ids if (coco.imgs[i]["width"] >= coco.imgs[i]["height"]) == g] for g in (True, False)}
     pending: dict[bool, list[int]] = {True: [], False: []}
     order: list[int] = []
     times = []

@@ -2,3 +2,5 @@
 
 from .classifier import build_classifier
 from .build import build_detector
+
+__all__ = ["build_classifier", "build_detector"]

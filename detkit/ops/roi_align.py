@@ -190,7 +190,7 @@ def _build_plan(
     sampling_ratio: int,
     aligned: bool,
 ) -> _Plan:
-    device, dtype = rois.device, rois.dtype
+    device = rois.device
     num = rois.shape[0]
     plan = _Plan()
     if num == 0:
