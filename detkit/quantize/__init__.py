@@ -128,14 +128,16 @@ def calibrate(model: nn.Module, images: Sequence[Any], fingerprint: str,
             if rpn is not None:
                 ins = [feats[k].to(head_input).contiguous(memory_format=torch.channels_last)
                        for k in model.rpn.in_features]
-                rpn_graph = rpn_graph or _rpn.calibration_graph(rpn, ins)
+                if rpn_graph is None:
+                    rpn_graph = _rpn.calibration_graph(rpn, ins)
                 rpn_graph(*ins)
             if box is not None:
                 proposals, _ = model.rpn(sizes, feats, None)
                 pooled = model.roi_heads.box_pooler([feats[k] for k in model.roi_heads.in_features],
                                                     [p.boxes for p in proposals]).to(head_input)
                 if pooled.shape[0]:
-                    box_graph = box_graph or _box.calibration_graph(box, pooled)
+                    if box_graph is None:
+                        box_graph = _box.calibration_graph(box, pooled)
                     box_graph(_box.pad_rows(pooled))
     head_input_name = str(head_input).replace("torch.", "")
     meta = {"calibration_images": len(images), "calibration_s": round(time.perf_counter() - t0, 2),
