@@ -28,7 +28,7 @@ __all__ = [
     "MATMUL_FLAGS", "SPEED_FLAGS", "MachineInfo", "GpuInfo", "cpu_model_name", "cpu_flags", "cpu_speed_flags",
     "usable_cpu_count", "physical_core_count", "cpu_capability", "mkldnn_linear_available", "cpu_bf16_native",
     "bf16_supported",
-    "torchvision_version", "gpu_info", "machine_info",
+    "torchvision_version", "gpu_info", "machine_info", "keep_freed_memory",
 ]
 
 #: flags of fast bf16 / int8 matrix instructions (AVX512-BF16, AMX, VNNI)
@@ -228,3 +228,36 @@ def resolve_device(name: str, flag: str = "--device") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"{flag} {name}: CUDA is not available on this machine; use {flag} cpu")
     return device
+
+
+#: glibc ``mallopt`` parameters (malloc.h) and the largest mmap threshold it accepts on 64-bit
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_MMAP_THRESHOLD_MAX = 32 << 20
+
+
+@functools.lru_cache(maxsize=1)
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS, for this
+    process: blocks up to 32 MiB come from the heap (not a fresh ``mmap``) and the heap is trimmed
+    only when 2 GiB at its top are free. Returns whether it applied (glibc on Linux, and ``DETKIT_KEEP_FREED_MEMORY`` not ``0``).
+
+    Why: a detector's large activations (R50-FPN at 800 px: 31 MB per P2-sized bf16 map) are
+    allocated and freed on every call. By default glibc serves each from a fresh ``mmap`` and
+    unmaps it on free, so every call page-faults them in again: 23-28 k minor faults and 0.06-0.08 s
+    of system time per image, measured on a 2-core AMD EPYC, where this setting made bf16 inference
+    2-6 % faster (three process pairs). The cost: the process keeps its peak heap after a burst of
+    allocations instead of shrinking. The same as ``MALLOC_MMAP_THRESHOLD_=33554432
+    MALLOC_TRIM_THRESHOLD_=2147483647`` in the environment.
+    """
+    if os.environ.get("DETKIT_KEEP_FREED_MEMORY", "") == "0" or platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    # mallopt returns 1 on success (0 for a value out of range); the trim threshold: the largest int
+    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -29,6 +29,7 @@ from .models.detector import rescale_detections
 from .structures import Detections
 from .export import trace_size
 from .layers import fold_frozen_bn
+from .machine import keep_freed_memory
 from .export.openvino import OpenVINODetector
 from .speed import optimize_for_inference, resolve_precision
 
@@ -168,6 +169,8 @@ class Predictor:
             fold_frozen_bn(self.model)  # a smaller graph; the PyTorch model stays available as .model
             self._openvino = OpenVINODetector(self.model, self.precision, sample_size=trace_size(cfg))
         else:
+            if self.device.type == "cpu":  # no page faults on the activations of every call
+                keep_freed_memory()
             self._prepare_pytorch(optimize, fold_bn, quantized, calibration)
         # bf16 through autocast only for the unoptimized PyTorch model (OpenVINO picks its own precision)
         self._autocast = self.precision == "bf16" and not optimize and self._openvino is None
