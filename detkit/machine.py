@@ -239,7 +239,8 @@ _MMAP_THRESHOLD_MAX = 32 << 20
 def keep_freed_memory() -> bool:
     """Make glibc's malloc keep freed memory for reuse instead of returning it to the OS, for this
     process: blocks up to 32 MiB come from the heap (not a fresh ``mmap``) and the heap is trimmed
-    only when 2 GiB at its top are free. Returns whether it applied (glibc on Linux, and ``DETKIT_KEEP_FREED_MEMORY`` not ``0``).
+    only when 2 GiB at its top are free. Returns whether it applied (glibc on Linux, and
+    ``DETKIT_KEEP_FREED_MEMORY`` not ``0``).
 
     Why: a detector's large activations (R50-FPN at 800 px: 31 MB per P2-sized bf16 map) are
     allocated and freed on every call. By default glibc serves each from a fresh ``mmap`` and
