@@ -13,26 +13,14 @@ from detkit.config import load_config
 from detkit.data.transforms import build_detection_transform
 from detkit.models.build import build_detector
 from detkit.speed import InferenceConv2d, bf16_supported
-
-SMALL = {
-    "model": {
-        "meta_architecture": "mask_rcnn",
-        "backbone": {"name": "resnet18", "norm": "FrozenBN", "freeze_at": 2},
-        "fpn": {"out_channels": 32},
-        "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 50},
-        "roi_heads": {"box_head": {"fc_dim": 64}, "mask_head": {"conv_dim": 32, "num_conv": 2}},
-    },
-    "data": {"class_names": ["cat", "dog", "bird"]},
-    "input": {"min_size_test": 96, "max_size_test": 160},
-}
-
+from tiny_configs import SMALL_MASK_RCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def _write(tmp_path, bias: float, extra: dict | None = None):
     """Config file + weights of a random small Mask R-CNN whose background logit has ``bias``."""
-    cfg_dict = {**SMALL, **(extra or {})}
+    cfg_dict = {**SMALL_MASK_RCNN, **(extra or {})}
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg_dict))
     torch.manual_seed(0)
@@ -148,7 +136,7 @@ def test_clear_errors(tmp_path) -> None:
         pred.predict(_image())
     with pytest.raises(ValueError, match="precision must be one of"):
         Predictor(cfg_path, weights=weights, precision="fp16")
-    no_names = {**SMALL, "data": {}}
+    no_names = {**SMALL_MASK_RCNN, "data": {}}
     path = tmp_path / "nonames.yaml"
     path.write_text(yaml.safe_dump(no_names))
     with pytest.raises(ValueError, match="number of classes is unknown"):
@@ -156,7 +144,7 @@ def test_clear_errors(tmp_path) -> None:
 
 
 def test_faster_rcnn_has_no_masks_and_batches(tmp_path) -> None:
-    faster = {"model": {**SMALL["model"], "meta_architecture": "faster_rcnn"}}
+    faster = {"model": {**SMALL_MASK_RCNN["model"], "meta_architecture": "faster_rcnn"}}
     cfg_path, weights, model = _write(tmp_path, bias=-5.0, extra=faster)
     assert not hasattr(model.roi_heads, "mask_head") or model.roi_heads.mask_head is None
     pred = Predictor(cfg_path, weights=weights)
@@ -201,11 +189,11 @@ def test_model_input_matches_eval_pipeline(tmp_path, monkeypatch, min_size: int,
     coco = {
         "images": [{"id": i + 1, "file_name": f"{i}.png", "height": h, "width": w} for i, (h, w) in enumerate(shapes)],
         "annotations": [],
-        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SMALL["data"]["class_names"])],
+        "categories": [{"id": i + 1, "name": n} for i, n in enumerate(SMALL_MASK_RCNN["data"]["class_names"])],
     }
     (tmp_path / "val.json").write_text(json.dumps(coco))
     cfg_path = tmp_path / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(SMALL))
+    cfg_path.write_text(yaml.safe_dump(SMALL_MASK_RCNN))
     cfg = load_config(cfg_path, [f"input.min_size_test={min_size}", f"input.max_size_test={max_size}"])
     dataset = build_test_dataset(cfg, load_coco(tmp_path / "val.json", tmp_path, filter_empty=False, is_train=False))
     eval_inputs = [dataset[i].image for i in range(len(shapes))]

@@ -19,18 +19,8 @@ from detkit.config import load_config  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
 from detkit.quantize import (  # noqa: E402
     Int8Backbone, Int8BoxHead, Int8RPNHead, QuantizationError, int8_supported, load_quantized, size_buckets)
+from tiny_configs import SMALL_MASK_RCNN  # noqa: E402
 
-TINY = {
-    "model": {
-        "meta_architecture": "mask_rcnn",
-        "backbone": {"name": "resnet18", "norm": "FrozenBN", "freeze_at": 2},
-        "fpn": {"out_channels": 32},
-        "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 50},
-        "roi_heads": {"box_head": {"fc_dim": 64}, "mask_head": {"conv_dim": 32, "num_conv": 2}},
-    },
-    "data": {"class_names": ["cat", "dog", "bird"]},
-    "input": {"min_size_test": 96, "max_size_test": 160},
-}
 
 needs_int8 = pytest.mark.skipif(not int8_supported("cpu"),
                                 reason="this CPU has no VNNI / AMX-INT8 (or DETKIT_DISABLE_INT8=1): int8 falls back")
@@ -52,7 +42,7 @@ def files(tmp_path_factory):
     """Config + weights of a random tiny Mask R-CNN with a low background logit (detections appear)."""
     tmp = tmp_path_factory.mktemp("int8")
     cfg_path = tmp / "cfg.yaml"
-    cfg_path.write_text(yaml.safe_dump(TINY))
+    cfg_path.write_text(yaml.safe_dump(SMALL_MASK_RCNN))
     torch.manual_seed(0)
     model = build_detector(load_config(cfg_path), num_classes=3)
     with torch.no_grad():

@@ -21,3 +21,17 @@ data:
   class_names: [circle, rectangle, triangle]
 input: {min_size_test: 96, max_size_test: 128}
 """
+
+#: Mask R-CNN R18-FPN (FrozenBN) with 32 FPN channels and 3 named classes, test images resized to
+#: short side 96 / long side <= 160, as a dict (tests write it with their own weights and changes)
+SMALL_MASK_RCNN = {
+    "model": {
+        "meta_architecture": "mask_rcnn",
+        "backbone": {"name": "resnet18", "norm": "FrozenBN", "freeze_at": 2},
+        "fpn": {"out_channels": 32},
+        "rpn": {"pre_nms_topk_test": 200, "post_nms_topk_test": 50},
+        "roi_heads": {"box_head": {"fc_dim": 64}, "mask_head": {"conv_dim": 32, "num_conv": 2}},
+    },
+    "data": {"class_names": ["cat", "dog", "bird"]},
+    "input": {"min_size_test": 96, "max_size_test": 160},
+}
