@@ -289,6 +289,13 @@ class TestConfig(_Strict):
     runtime: Literal["pytorch", "openvino"] = "pytorch"
     eval_backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
+    @model_validator(mode="after")
+    def _int8_runs_on_pytorch(self) -> "TestConfig":
+        if self.precision == "int8" and self.runtime == "openvino":
+            raise ValueError("precision=int8 runs on the pytorch runtime (detkit.quantize); with runtime=openvino "
+                             "set precision to fp32 or bf16, or set runtime=pytorch")
+        return self
+
 
 class DetectionConfig(_Strict):
     """Root of a detection config (``tools/train_det.py``, ``tools/eval_det.py``, Predictor)."""

@@ -145,9 +145,16 @@ def make_eval_fn(cfg: DetectionConfig, val: CocoData, model_fn: Callable[[], nn.
     """``() -> metrics`` evaluating ``model_fn()`` (the model or its EMA) on ``val``."""
     loader = build_test_loader(cfg, val)
     evaluator = build_evaluator(cfg, val)
+    if cfg.test.precision == "int8" and cfg.test.int8_quantized:
+        # a saved calibration belongs to fixed weights; the weights being trained change between evaluations
+        logger.info("test.int8_quantized=%s is not used while training: each int8 evaluation calibrates on "
+                    "data.train", cfg.test.int8_quantized)
+        cfg = cfg.model_copy(deep=True)
+        cfg.test.int8_quantized = None
 
     def eval_fn() -> dict[str, float]:
-        return inference_on_dataset(model_fn(), loader, evaluator, cfg.test.precision, device, optimize=True)
+        return inference_on_dataset(model_fn(), loader, evaluator, cfg.test.precision, device, optimize=True,
+                                    config=cfg)
 
     return eval_fn
 

@@ -170,6 +170,11 @@ def evaluate_detection(cfg: DetectionConfig, weights: PathLike, output_dir: Opti
     device = init_distributed()
     out = setup_output_dir(cfg, output_dir, config_name="eval_config.yaml", default_subdir="eval")
     cfg = resolve_data_paths(cfg)
+    if cfg.test.precision == "int8" and not cfg.test.int8_quantized and not (
+            cfg.data.train.annotations and cfg.data.train.images):
+        raise ValueError("test.precision=int8 calibrates on data.train, which is not set: set "
+                         "data.train.annotations and data.train.images, or test.int8_quantized=FOLDER "
+                         "(tools/quantize.py)")
     val = load_split(cfg, "val", is_train=False)
     model = build_detector(cfg, resolve_classes(cfg, val).num_classes)
     load_initial_weights(model, cfg, weights, training=False)
@@ -177,7 +182,7 @@ def evaluate_detection(cfg: DetectionConfig, weights: PathLike, output_dir: Opti
 
     evaluator = build_evaluator(cfg, val)
     metrics = inference_on_dataset(model, build_test_loader(cfg, val), evaluator, cfg.test.precision, device,
-                                   optimize=True)  # the model detkit.Predictor runs
+                                   optimize=True, config=cfg)  # the model detkit.Predictor runs
     if is_main_process():
         evaluator.write_results(out / "results.json")
         write_metrics_json(out / "metrics.json", metrics)
