@@ -123,6 +123,9 @@ class MaskHeadConfig(_Strict):
     pooler_resolution: int = 14
     pooler_sampling_ratio: int = 0
     pooler_aligned: bool = True
+    # the frame the mask targets are cropped in (MaskRCNNHead's target_aligned): false, torchvision's
+    # roi_align(aligned=False); true, the aligned pooler's frame (Detectron2), pasted back with mask_paste=detectron2
+    target_aligned: bool = False
 
 
 class CascadeConfig(_Strict):

@@ -134,7 +134,8 @@ def build_roi_heads(
             mh.pooler_resolution, scales, mh.pooler_sampling_ratio, mh.pooler_aligned,
             canonical_box_size=rh.canonical_box_size, canonical_level=rh.canonical_level,
         )
-        mask_head = MaskRCNNHead(in_channels, num_classes, conv_dims=(mh.conv_dim,) * mh.num_conv, norm=mh.norm)
+        mask_head = MaskRCNNHead(in_channels, num_classes, conv_dims=(mh.conv_dim,) * mh.num_conv, norm=mh.norm,
+                                 target_aligned=mh.target_aligned)
     common = dict(
         batch_size_per_image=rh.batch_size_per_image,
         positive_fraction=rh.positive_fraction,

@@ -259,7 +259,8 @@ class ROIHeadsBase(nn.Module):
         pos_classes = torch.cat([s.gt_classes[: s.num_pos] for s in samples], dim=0)
         gt_masks = [t.masks for t in targets]
         mask_logits = self.mask_head(self.mask_pooler(feats, pos_boxes))
-        return mask_rcnn_loss(mask_logits, pos_boxes, gt_masks, pos_matched, pos_classes)
+        return mask_rcnn_loss(mask_logits, pos_boxes, gt_masks, pos_matched, pos_classes,
+                              aligned=self.mask_head.target_aligned)
 
     def _detections(self, feats: list[Tensor], class_logits: Tensor, box_deltas: Tensor, boxes: Sequence[Tensor],
                     image_sizes: Sequence[tuple[int, int]], box_coder: "BoxCoder") -> list[Detections]:

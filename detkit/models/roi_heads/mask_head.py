@@ -34,6 +34,14 @@ class MaskRCNNHead(nn.Module):
         conv_dims: output channels of each 3x3 conv (four 256 in the standard head).
         norm: :func:`detkit.layers.get_norm` name for the convs ("" or "GN" typically).
         cls_agnostic: predict one mask for all classes.
+        target_aligned: the frame of the M x M grid the head learns to predict, i.e. how
+            :func:`mask_rcnn_loss` crops its targets. ``True``: cell ``j`` of a box ``[x0, x1)`` is
+            centred at ``x0 + (j + 0.5) * (x1 - x0) / M`` in pixel-edge coordinates (pixel ``i``
+            spans ``[i, i + 1)``), the frame of an ``aligned=True`` pooler and of Detectron2's
+            paste (``model.mask_paste=detectron2``), as in Detectron2. ``False``: torchvision's
+            targets (``roi_align(..., aligned=False)``), half a pixel off that frame, which a model
+            whose pooler is aligned cannot learn for every box size (0.5 px is 0.9 cells of a 16-px
+            box at M=28, 0.07 of a 200-px one).
 
     Init: Kaiming normal (fan_out, ReLU) convs and deconv, as torchvision and Detectron2; the
     1x1 predictor is normal with std 0.001 (Detectron2), so every mask logit starts near 0 and the
@@ -50,12 +58,14 @@ class MaskRCNNHead(nn.Module):
         conv_dims: Sequence[int] = (256, 256, 256, 256),
         norm: str = "",
         cls_agnostic: bool = False,
+        target_aligned: bool = False,
     ) -> None:
         super().__init__()
         if num_classes < 1:
             raise ValueError(f"MaskRCNNHead: num_classes={num_classes}; need at least one class.")
         self.num_classes = num_classes
         self.cls_agnostic = cls_agnostic
+        self.target_aligned = bool(target_aligned)
         self.convs = nn.ModuleList()
         channels = in_channels
         for dim in conv_dims:
@@ -92,12 +102,14 @@ def mask_rcnn_loss(
     gt_masks: Sequence[Tensor],
     matched_idxs: Sequence[Tensor],
     gt_classes: Tensor,
+    aligned: bool = False,
 ) -> Tensor:
     """Per-pixel binary cross-entropy of the GT class's mask, averaged over pixels and RoIs.
 
     The target of each positive proposal is its matched GT mask cropped and resized to
-    the head's M x M output with ``roi_align`` (aligned=False, adaptive sampling), as
-    torchvision's ``project_masks_on_boxes``; soft values in [0, 1] are used as-is.
+    the head's M x M output with ``roi_align`` (adaptive sampling; ``aligned=False`` as
+    torchvision's ``project_masks_on_boxes``, ``aligned=True`` as Detectron2's bit masks: see
+    :class:`MaskRCNNHead`'s ``target_aligned``); soft values in [0, 1] are used as-is.
 
     Args:
         mask_logits: [P, K or 1, M, M] for the positive proposals of all images (in image order).
@@ -105,6 +117,7 @@ def mask_rcnn_loss(
         gt_masks: per image uint8/bool [Gi, H, W] GT masks at image resolution.
         matched_idxs: per image int64 [Pi] index of each proposal's GT in ``gt_masks[i]``.
         gt_classes: int64 [P] class of each positive proposal's GT, in [0, K).
+        aligned: the ``roi_align`` frame of the targets.
 
     Returns:
         Scalar loss; ``0 * mask_logits.sum()`` (keeps the graph) when there are no positives.
@@ -119,7 +132,7 @@ def mask_rcnn_loss(
         rois = torch.cat([idxs.to(boxes.dtype)[:, None], boxes], dim=1)  # (Pi, 5)
         # (Gi, H, W) -> (Gi, 1, H, W): each GT mask is its own "image" for roi_align
         masks = masks[:, None].to(device=boxes.device, dtype=boxes.dtype)
-        targets.append(roi_align(masks, rois, (mask_size, mask_size), 1.0, 0, False)[:, 0])
+        targets.append(roi_align(masks, rois, (mask_size, mask_size), 1.0, 0, aligned)[:, 0])
     target = torch.cat(targets, dim=0).float()
     logits = _select_class(mask_logits, gt_classes).float()
     return F.binary_cross_entropy_with_logits(logits, target, reduction="mean")
