@@ -142,3 +142,31 @@ def test_paste_empty_and_bad_input() -> None:
     assert out.shape == (0, 30, 40) and out.dtype == torch.bool
     with pytest.raises(ValueError, match="masks"):
         paste_masks_in_image(torch.zeros(2, 28, 28), torch.zeros(3, 4), (30, 40))
+
+
+def test_aligned_targets_put_mask_cells_on_pixel_centres() -> None:
+    """A box that covers exactly a GT square's pixels: in the aligned frame every target cell is inside
+    the square (target 1 everywhere); torchvision's frame (aligned=False) samples half a pixel off, so
+    its last row and column straddle the square's edge. Logits of +20 everywhere show the difference."""
+    gt = torch.zeros(1, 16, 16)
+    gt[0, 4:12, 4:12] = 1.0  # pixels 4..11: the box [4, 12) in pixel-edge coordinates
+    box = [torch.tensor([[4.0, 4.0, 12.0, 12.0]])]
+    logits = torch.full((1, 1, 8, 8), 20.0)
+    args = (logits, box, [gt], [torch.tensor([0])], torch.tensor([0]))
+    aligned = mask_rcnn_loss(*args, aligned=True)
+    unaligned = mask_rcnn_loss(*args, aligned=False)
+    assert float(aligned) < 1e-6
+    # 15 of 64 cells sample on the edge (targets 0.5 or 0.25): their BCE at logit 20 is ~10 or ~15
+    assert float(unaligned) > 1.0
+
+
+def test_target_frame_comes_from_the_config() -> None:
+    from detkit.config import DetectionConfig
+    from detkit.models.build import build_detector
+
+    cfg = DetectionConfig()
+    cfg.model.meta_architecture = "mask_rcnn"
+    cfg.model.backbone.name = "resnet18"
+    assert build_detector(cfg, 2).roi_heads.mask_head.target_aligned is cfg.model.roi_heads.mask_head.target_aligned
+    cfg.model.roi_heads.mask_head.target_aligned = not cfg.model.roi_heads.mask_head.target_aligned
+    assert build_detector(cfg, 2).roi_heads.mask_head.target_aligned is cfg.model.roi_heads.mask_head.target_aligned
