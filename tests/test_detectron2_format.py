@@ -286,6 +286,31 @@ def test_restricted_unpickler_refuses_code_in_one_line(tmp_path: Path, case: str
     assert not marker.exists(), "unpickling ran code"
 
 
+class _HugeArray:
+    """Pickles as numpy's own array reduce, with a shape no file of a few bytes can fill."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        self.shape = shape
+
+    def __reduce__(self):
+        reconstruct = np.array(0).__reduce__()[0]  # numpy's _reconstruct, under its real module name
+        return reconstruct, (np.ndarray, self.shape, np.dtype(np.float32))
+
+
+def test_array_larger_than_its_file_is_refused_before_allocating(tmp_path: Path) -> None:
+    path = tmp_path / "huge.pkl"
+    path.write_bytes(pickle.dumps({"model": {"w": _HugeArray((2**20, 2**20))}}, protocol=2))  # 4 TiB asked
+    assert path.stat().st_size < 1000
+    with pytest.raises(CheckpointError) as e:
+        read_detectron2_pkl(path)
+    msg = str(e.value)
+    assert "\n" not in msg and str(path) in msg and "larger than the whole file" in msg, msg
+    # numpy's own pickles ask for shape (0,) and still read back (the cap is on what is asked here)
+    ok = tmp_path / "ok.pkl"
+    ok.write_bytes(pickle.dumps({"model": {"w": np.ones((300, 300), np.float32)}}, protocol=2))
+    assert read_detectron2_pkl(ok)["model"]["w"].shape == (300, 300)
+
+
 @pytest.mark.parametrize("content, says", [
     ({"blobs": {"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}, "cfg": "MODEL: ..."}, "Caffe2 / Detectron (v1) 'blobs'"),
     ({"conv1_w": np.zeros((64, 3, 7, 7), np.float32)}, "a pickle without 'model'"),

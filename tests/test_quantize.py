@@ -225,3 +225,27 @@ def test_bad_quantized_files(files, tmp_path) -> None:
             Predictor(cfg_path, weights=weights, precision="int8", quantized=tmp_path / "missing")
     with pytest.raises(ValueError, match="precision must be one of"):
         Predictor(cfg_path, weights=weights, precision="int4")
+
+
+def test_save_quantized_is_atomic(tmp_path, monkeypatch) -> None:
+    """An interrupted save (here: torch.save fails half-way) leaves the previous calibration whole."""
+    from detkit.quantize import Int8State, save_quantized
+
+    first = Int8State({"obs.min": torch.tensor([-1.0]), "obs.max": torch.tensor([2.0])}, "abc", {"n": 1})
+    save_quantized(first, tmp_path)
+    before = (tmp_path / "int8_observers.pt").read_bytes()
+    real_save = torch.save
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"partial bytes")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    second = Int8State({"obs.min": torch.tensor([-5.0])}, "def", {"n": 2})
+    with pytest.raises(OSError, match="disk full"):
+        save_quantized(second, tmp_path)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert (tmp_path / "int8_observers.pt").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_observers.pt", "manifest.json"]  # no temp file
+    loaded = load_quantized(tmp_path, "abc")
+    assert torch.equal(loaded.observers["obs.max"], torch.tensor([2.0]))

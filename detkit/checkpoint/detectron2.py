@@ -42,11 +42,13 @@ so detkit label = Detectron2 label (contiguous ids in ascending COCO category id
 
 from __future__ import annotations
 
+import functools
+import math
 import pickle
 import re
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -76,6 +78,10 @@ class _Refused(Exception):
     """Raised inside the unpickler; turned into a one-line :class:`CheckpointError`."""
 
 
+class _ArrayTooLarge(_Refused):
+    """An array header asks for more memory than its file could hold: a corrupt or crafted file."""
+
+
 def _safe_dtype(spec: Any, align: bool = False, copy: bool = False) -> np.dtype:
     dtype = np.dtype(spec, align, copy)
     if dtype.hasobject:
@@ -103,10 +109,20 @@ class _NdarrayToken:
 _NDARRAY = _NdarrayToken()
 
 
-def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    # numpy's pickle reduce: an empty array of `subtype`, filled by ndarray.__setstate__ afterwards
+def _safe_reconstruct(subtype: Any, shape: Any, dtype: Any, max_bytes: Optional[int] = None) -> np.ndarray:
+    # numpy's pickle reduce: an empty array of `subtype` (numpy writes shape (0,)), filled by
+    # ndarray.__setstate__ afterwards; a crafted pickle could ask for any shape here, and numpy would
+    # allocate it, so the array may not be larger than the file it comes from (``max_bytes``)
     if subtype is not _NDARRAY:
         raise _Refused(f"an array of type {getattr(subtype, '__name__', type(subtype).__name__)}")
+    dims = shape if isinstance(shape, tuple) else (shape,)
+    if max_bytes is not None:
+        if not all(isinstance(d, int) and d >= 0 for d in dims):
+            raise _Refused(f"an array of shape {shape!r}")
+        nbytes = math.prod(dims) * np.dtype(dtype).itemsize
+        if nbytes > max_bytes:
+            raise _ArrayTooLarge(f"an array of shape {tuple(dims)} ({nbytes} bytes) larger than the whole file "
+                                 f"({max_bytes} bytes)")
     return _np_multiarray._reconstruct(np.ndarray, shape, dtype)
 
 
@@ -149,12 +165,19 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Resolves only :data:`ALLOWED_GLOBALS`; persistent ids are refused by ``pickle`` itself."""
+    """Resolves only :data:`ALLOWED_GLOBALS`; persistent ids are refused by ``pickle`` itself. Arrays may
+    not be larger than ``max_bytes`` (the file's size: a real array's data is in the file)."""
+
+    def __init__(self, file: Any, max_bytes: int, **kwargs: Any) -> None:
+        super().__init__(file, **kwargs)
+        self.max_bytes = int(max_bytes)
 
     def find_class(self, module: str, name: str) -> Any:
         found = ALLOWED_GLOBALS.get((module, name))
         if found is None:
             raise _Refused(f"the global {module}.{name}")
+        if found is _safe_reconstruct:
+            return functools.partial(_safe_reconstruct, max_bytes=self.max_bytes)
         return found
 
 
@@ -227,7 +250,9 @@ def read_detectron2_pkl(path: PathLike) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
         with open(path, "rb") as f:
-            data = _RestrictedUnpickler(f, encoding="latin1").load()
+            data = _RestrictedUnpickler(f, path.stat().st_size, encoding="latin1").load()
+    except _ArrayTooLarge as e:
+        raise CheckpointError(f"{path} is corrupt: it declares {e}; download the file again") from None
     except _Refused as e:
         raise CheckpointError(
             f"{path} needs {e} to unpickle, which is refused (a Detectron2 zoo .pkl holds only numpy arrays "

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DetkitError
+from ..fileio import atomic_write, write_text_atomic
 
 #: /2: the RPN and box heads' statistics too; /1 (backbone + FPN only) files are refused with what to do
 FORMAT = "detkit-int8-observers/2"
@@ -75,17 +76,21 @@ def _versions() -> dict[str, str]:
 
 
 def save_quantized(state: Int8State, path: Union[str, os.PathLike], extra: Optional[dict] = None) -> Path:
-    """Write ``path/int8_observers.pt`` (tensors and strings only) and ``path/manifest.json``; returns the file."""
+    """Write ``path/int8_observers.pt`` (tensors and strings only) and ``path/manifest.json``; returns the file.
+
+    Each file is written atomically (:func:`detkit.fileio.atomic_write`): an interrupted write leaves the
+    previous file or none, never a truncated one. The ``.pt`` file, which alone is loaded, is written first.
+    """
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
     meta = {**state.meta, **_versions(), **(extra or {})}
-    torch.save({"format": FORMAT, "fingerprint": state.fingerprint, "observers": state.observers,
-                "rpn_head_observers": state.rpn_head, "box_head_observers": state.box_head,
-                "meta": json.dumps(meta, default=str)}, out / _FILE)
+    with atomic_write(out / _FILE, binary=True) as f:
+        torch.save({"format": FORMAT, "fingerprint": state.fingerprint, "observers": state.observers,
+                    "rpn_head_observers": state.rpn_head, "box_head_observers": state.box_head,
+                    "meta": json.dumps(meta, default=str)}, f)
     manifest = {"format": FORMAT, "file": _FILE, "fingerprint": state.fingerprint,
                 "observer_tensors": len(state.observers), "rpn_head_observer_tensors": len(state.rpn_head),
                 "box_head_observer_tensors": len(state.box_head), **meta}
-    (out / _MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+    write_text_atomic(out / _MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
     return out / _FILE
 
 
