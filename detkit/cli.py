@@ -84,9 +84,18 @@ def _engine_distributed() -> Any:
 
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], Optional[int]], argv: Optional[Sequence[str]] = None,
-            prog: Optional[str] = None) -> int:
-    """Run ``main(argv)`` with the exit-code convention of the module doc; ``prog`` prefixes the error line."""
+            prog: Optional[str] = None, keep_freed_memory: bool = False) -> int:
+    """Run ``main(argv)`` with the exit-code convention of the module doc; ``prog`` prefixes the error line.
+
+    ``keep_freed_memory``: first tune this process's malloc for repeated inference
+    (:func:`detkit.machine.keep_freed_memory`, process-wide, so the tools that own their process
+    opt in here and the library never does it behind its users' backs).
+    """
     try:
+        if keep_freed_memory:
+            from .machine import keep_freed_memory as tune_malloc
+
+            tune_malloc()
         rc = main(argv)
         if _distributed() is not None:
             # every rank leaves together: a rank that tears down its process group while another is

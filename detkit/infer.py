@@ -342,21 +342,26 @@ def _run_image_shards(opts: InferOptions, files: list[Path], run: _Run, plan: Pa
     with contextlib.ExitStack() as stack:
         writer = stack.enter_context(PartWriter(part_path(parts_dir, plan.run, run.rank))) if parts_dir else None
 
+        finished_here: list[int] = []
+
         def on_done(k: int, f: Path, recs: list[dict]) -> None:
+            finished_here.append(todo[k])
             if writer is not None:
                 writer.write(todo[k], f.name, recs)
 
         done = run_images(run.predictor, [files[i] for i in todo], run.out_dir, opts.score_thresh, records,
                           [run.image_ids[i] for i in todo], run.category_ids, on_done=on_done,
                           strict=len(files) == 1, prefix=prefix)
-    counts = all_gather_object((done.done, len(done.skipped)))  # also waits for every process
+    counts = all_gather_object((done.done, len(done.skipped), finished_here))  # also waits for every process
     finished, skipped = len(plan.done) + sum(c[0] for c in counts), sum(c[1] for c in counts)
     if finished == 0:
         if parts_dir is not None and run.rank == 0:
             remove_parts(parts_dir)  # holds nothing to resume
         raise UsageError(f"--input {opts.input}: none of the {len(files)} images could be read")
     if parts_dir is not None and run.rank == 0:
-        records, _ = merge_parts(parts_dir, names)
+        owners = {i: "an earlier run" for i in plan.done}
+        owners.update({i: f"rank {r}" for r, c in enumerate(counts) for i in c[2]})
+        records, _ = merge_parts(parts_dir, names, owners)  # kept, with what is missing, unless complete
         path = write_json_atomic(opts.save_json, records)
         remove_parts(parts_dir)
         print(f"wrote {len(records)} detections to {path}")

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence
 
-from .errors import UsageError
+from .errors import DetkitError, UsageError
 from .fileio import write_json_atomic
 
 __all__ = [
@@ -44,6 +44,7 @@ __all__ = [
     "read_parts",
     "prepare_parts",
     "merge_parts",
+    "PartsMissing",
     "remove_parts",
 ]
 
@@ -257,10 +258,36 @@ class PartWriter:
         self._f.flush()
 
 
-def merge_parts(parts_dir: Path, file_names: Sequence[str]) -> tuple[list[dict], int]:
+class PartsMissing(DetkitError, RuntimeError):
+    """The part files hold fewer finished images than the processes reported: the parts are kept."""
+
+
+def merge_parts(parts_dir: Path, file_names: Sequence[str],
+                finished: Optional[Mapping[int, str]] = None) -> tuple[list[dict], int]:
     """The records of every finished image in input order (within an image, the predictor's
-    order) and the number of finished images. Incomplete lines were warned about by :func:`prepare_parts`."""
+    order) and the number of finished images. Incomplete lines were warned about by :func:`prepare_parts`.
+
+    ``finished``: every input index the processes reported finished, with who finished it (e.g.
+    ``"rank 1"``). When the part files do not hold exactly those images (a process wrote to a folder
+    the merging process does not see, e.g. nodes without a shared filesystem, or a part file was
+    deleted), :class:`PartsMissing` says which images and whose parts are missing, and nothing is
+    written or deleted: the run can still be resumed.
+    """
     done = read_parts(parts_dir, file_names, warn=False)
+    if finished is not None and set(done) != set(finished):
+        missing = sorted(set(finished) - set(done))
+        extra = sorted(set(done) - set(finished))
+        if missing:
+            owners = sorted({finished[i] for i in missing})
+            names = ", ".join(file_names[i] for i in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise PartsMissing(
+                f"{parts_dir}: the part files hold {len(done)} of the {len(finished)} finished images; the "
+                f"records of {len(missing)} ({names}), finished by {', '.join(owners)}, are not there (is "
+                f"{parts_dir} on a filesystem every node shares?); kept the parts: copy the missing part "
+                "files there and run again with --resume")
+        raise PartsMissing(f"{parts_dir}: the part files hold {len(extra)} images no process reported finished "
+                           f"({', '.join(file_names[i] for i in extra[:5])}); another run is writing to "
+                           "the same folder? kept the parts")
     records: list[dict] = []
     for index in sorted(done):
         records.extend(done[index].records)

@@ -29,7 +29,6 @@ from .models.detector import rescale_detections
 from .structures import Detections
 from .export import trace_size
 from .layers import fold_frozen_bn
-from .machine import keep_freed_memory
 from .export.openvino import OpenVINODetector
 from .speed import optimize_for_inference, resolve_precision
 
@@ -84,6 +83,11 @@ class Predictor:
     ``input.min_size_test``, long side at most ``input.max_size_test`` unless that is 0, bilinear),
     so the model sees what ``eval_det.py`` gives it; the detections are mapped back to the input
     image: boxes scaled, masks pasted at full resolution.
+
+    A long-running CPU process that calls the Predictor many times gains 2-6 % from
+    :func:`detkit.machine.keep_freed_memory` (freed activations reused instead of page-faulted in
+    again). It tunes malloc for the whole process, so the Predictor leaves that choice to its
+    caller; ``tools/infer.py``, ``serve.py``, ``eval_det.py``, ``benchmark.py`` and ``quantize.py`` opt in.
 
     Args:
         config: path of a YAML config, or a loaded :class:`DetectionConfig`.
@@ -169,8 +173,6 @@ class Predictor:
             fold_frozen_bn(self.model)  # a smaller graph; the PyTorch model stays available as .model
             self._openvino = OpenVINODetector(self.model, self.precision, sample_size=trace_size(cfg))
         else:
-            if self.device.type == "cpu":  # no page faults on the activations of every call
-                keep_freed_memory()
             self._prepare_pytorch(optimize, fold_bn, quantized, calibration)
         # bf16 through autocast only for the unoptimized PyTorch model (OpenVINO picks its own precision)
         self._autocast = self.precision == "bf16" and not optimize and self._openvino is None

@@ -263,6 +263,48 @@ def test_resume_skips_finished_images(setup: dict[str, Path], reference: list[di
     assert_same_records(json.loads(fresh.read_text(encoding="utf-8")), reference)
 
 
+def test_merge_keeps_the_parts_when_finished_images_are_missing(setup: dict[str, Path], reference: list[dict],
+                                                                tmp_path: Path, monkeypatch) -> None:
+    """A finished image whose line never reaches the parts folder (its process wrote elsewhere, e.g. a node
+    without the shared folder) stops the merge in one line naming it; the parts stay, and --resume (after
+    the lost image is predicted again) writes the whole results file."""
+    from detkit.infer_parts import PartsMissing
+
+    out = tmp_path / "res.json"
+    real_write = PartWriter.write
+
+    def lose_img3(self, index: int, file_name: str, records: list[dict]) -> None:
+        if file_name != "img3.png":
+            real_write(self, index, file_name, records)
+
+    monkeypatch.setattr(PartWriter, "write", lose_img3)
+    with pytest.raises(PartsMissing) as e:
+        run_inference(_options(setup, out))
+    msg = str(e.value)
+    assert "\n" not in msg and "img3.png" in msg and "rank 0" in msg and f"hold {NUM_IMAGES - 1} of the {NUM_IMAGES}" in msg
+    assert not out.exists() and len(read_parts(parts_dir_for(out), sorted(p.name for p in setup["images"].iterdir()))) \
+        == NUM_IMAGES - 1  # nothing deleted
+    monkeypatch.setattr(PartWriter, "write", real_write)
+    assert_same_records(run_inference(_options(setup, out, resume=True)), reference)
+    assert not parts_dir_for(out).exists()
+
+
+def test_merge_parts_refuses_a_mismatch_with_the_finished_images(tmp_path: Path) -> None:
+    from detkit.infer_parts import PartsMissing
+
+    names = ["a.jpg", "b.jpg", "c.jpg"]
+    parts = tmp_path / "r.json.parts"
+    prepare_parts(parts, {}, names, resume=False)
+    with PartWriter(part_path(parts, 1, 0)) as w:
+        w.write(0, "a.jpg", [{"image_id": 0}])
+        w.write(2, "c.jpg", [])
+    assert merge_parts(parts, names, {0: "rank 0", 2: "rank 0"})[1] == 2
+    with pytest.raises(PartsMissing, match=r"records of 1 \(b.jpg\), finished by rank 1"):
+        merge_parts(parts, names, {0: "rank 0", 1: "rank 1", 2: "rank 0"})
+    with pytest.raises(PartsMissing, match="no process reported finished"):
+        merge_parts(parts, names, {0: "rank 0"})
+
+
 def _one_line_error(opts: InferOptions, capsys: pytest.CaptureFixture) -> str:
     assert run_cli(lambda argv: run_inference(opts), [], prog="infer.py") == 2
     err = capsys.readouterr().err

@@ -38,3 +38,39 @@ def test_keep_freed_memory_reuses_freed_blocks() -> None:
     assert applied and faults < 200, f"{faults} page faults on a block freed memory could have held"
     applied, faults = _probe(opt_out=True)  # glibc's default: a fresh mmap, faulted in page by page
     assert not applied and faults > 1500, faults
+
+
+def test_only_the_tools_tune_malloc_not_the_predictor(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building and calling a CPU Predictor never calls mallopt (a library must not retune its host
+    process); run_cli(keep_freed_memory=True), what the inference tools use, does."""
+    import ctypes
+
+    import numpy as np
+
+    from detkit import Predictor
+    from detkit.cli import run_cli
+    from detkit.config import DetectionConfig
+
+    calls: list[tuple[int, int]] = []
+
+    class Mallopt:  # what ctypes gives: a callable with argtypes / restype
+        argtypes = restype = None
+
+        def __call__(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    class FakeLibc:
+        mallopt = Mallopt()
+
+    real_cdll = ctypes.CDLL
+    monkeypatch.setattr(ctypes, "CDLL", lambda name, *a, **k: FakeLibc() if "libc" in str(name) else real_cdll(name, *a, **k))
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.delenv("DETKIT_KEEP_FREED_MEMORY", raising=False)
+    cfg = DetectionConfig()
+    cfg.model.backbone.name, cfg.model.num_classes = "resnet18", 3
+    cfg.input.min_size_test, cfg.input.max_size_test = 64, 96
+    Predictor(cfg, device="cpu")(np.zeros((64, 80, 3), np.uint8))
+    assert calls == []
+    assert run_cli(lambda argv: 0, [], keep_freed_memory=True) == 0
+    assert len(calls) == 2  # mmap threshold and trim threshold

@@ -89,4 +89,4 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, prog="quantize.py"))
+    sys.exit(run_cli(main, prog="quantize.py", keep_freed_memory=True))  # inference: malloc kept warm
