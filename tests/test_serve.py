@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import re
 import signal
 import subprocess
@@ -243,7 +244,8 @@ def test_model_healthz_and_page(client: TestClient, predictor: Any, config_path:
     assert info["meta_architecture"] == "mask_rcnn" and info["has_masks"] is True
     assert info["num_classes"] == 3 and info["class_names"] == ["circle", "rectangle", "triangle"]
     assert info["precision"] == predictor.precision and info["device"] == "cpu"
-    assert info["config"] == {"path": str(config_path), "backbone": "resnet18", "min_size_test": 96,
+    assert str(config_path.parent) not in json.dumps(info)  # no server paths
+    assert info["config"] == {"name": config_path.name, "backbone": "resnet18", "min_size_test": 96,
                               "max_size_test": 128, "score_thresh_test": 0.0,
                               "detections_per_image": cfg.model.roi_heads.detections_per_image}
     assert info["batching"] == {"max_batch": 4, "max_wait_ms": 5.0, "queue_size": 8}
@@ -413,10 +415,16 @@ def test_full_queue_answers_503_with_retry_after(predictor: Any, config_path: Pa
     assert stub.batches == [1, 1, 1, 1] and stub.max_active == 1
 
 
-def test_failed_prediction_is_500_and_the_server_keeps_serving(predictor: Any, config_path: Path) -> None:
+def test_failed_prediction_is_500_and_the_server_keeps_serving(predictor: Any, config_path: Path, caplog) -> None:
     stub = RecordingPredictor(predictor, fail_first=True)
-    with TestClient(create_app(stub, options(config_path))) as c:
-        assert_error(post_file(c, png(random_image(0))), 500, "simulated model failure")
+    with TestClient(create_app(stub, options(config_path))) as c, caplog.at_level(logging.ERROR, logger="detkit"):
+        r = post_file(c, png(random_image(0)))
+        assert_error(r, 500, "internal error (request id ")
+        assert "simulated model failure" not in r.text  # the exception stays in the server log
+        request_id = r.headers["X-Request-ID"]
+        assert request_id in r.json()["error"]
+        logged = [rec for rec in caplog.records if request_id in rec.getMessage()]
+        assert logged and "simulated model failure" in logged[0].exc_text
         assert_still_serving(c)
 
 

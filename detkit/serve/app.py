@@ -4,7 +4,8 @@ Routes (the contract the page in ``detkit/serve/static/`` codes against):
 
 * ``GET /`` -> ``static/index.html``; ``GET /static/<file>`` -> a file of ``static/``.
 * ``GET /healthz`` -> ``{"status": "ok"}``.
-* ``GET /v1/model`` -> architecture, classes, precision, device, a config summary, the batching settings.
+* ``GET /v1/model`` -> architecture, classes, precision, device, a config summary (no server paths), the
+  batching settings.
 * ``POST /v1/predict[?masks=rle][&score_thresh=F]`` with a multipart form (file in field ``image``)
   or JSON ``{"image": "<base64>"}`` (a ``data:image/...;base64,`` prefix is accepted) ->
   ``{"width", "height", "boxes" (xyxy image pixels), "scores", "labels", "class_names",
@@ -28,6 +29,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Mapping, Optional, Sequence
 
@@ -79,8 +81,8 @@ def model_info(predictor: Any, opts: ServeOptions) -> dict[str, Any]:
         "has_masks": cfg.model.meta_architecture == "mask_rcnn",
         "precision": predictor.precision,
         "device": str(predictor.device),
-        "config": {
-            "path": opts.config,
+        "config": {  # no server paths: the config's file name without its folder
+            "name": Path(opts.config).name if opts.config else None,
             "backbone": cfg.model.backbone.name,
             "min_size_test": cfg.input.min_size_test,
             "max_size_test": cfg.input.max_size_test,
@@ -294,9 +296,13 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
             result = await asyncio.wrap_future(future)
         except ShuttingDown as e:
             raise HTTPError(503, str(e), {"Retry-After": "1"}) from None
-        except Exception as e:  # noqa: BLE001 - a failed prediction is answered, the server keeps serving
-            logger.exception("serve: prediction failed")
-            raise HTTPError(500, f"prediction failed: {type(e).__name__}: {e}") from None
+        except Exception:  # noqa: BLE001 - a failed prediction is answered, the server keeps serving
+            # the details (which may hold paths, shapes, library internals) go to the log only, under an id
+            # the client gets too
+            request_id = uuid.uuid4().hex[:16]
+            logger.exception("serve: prediction failed (request id %s)", request_id)
+            raise HTTPError(500, f"internal error (request id {request_id}); the server log has the details",
+                            {"X-Request-ID": request_id}) from None
         body = await run_in_threadpool(prediction_json, result, class_names, image.shape[1], image.shape[0],
                                        masks, score_thresh)
         body["timing"]["total_ms"] = (time.perf_counter() - t0) * 1000.0
