@@ -17,8 +17,9 @@ from detkit.data.coco import DatasetError, load_coco
 from detkit.data.coco_dataset import CocoDetection, decode_segmentation
 from detkit.data.collate import DetectionSample, SkippedSample, collate_detection
 from detkit.data.samplers import build_detection_test_loader
+from shared_data import coco128_root, needs_coco128
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+COCO128 = coco128_root()
 H, W = 40, 60
 
 
@@ -419,7 +420,7 @@ def test_transform_is_applied(tmp_path: Path) -> None:
     assert s.targets.masks.shape == (2, 80, 120)
 
 
-@pytest.mark.skipif(not (COCO128 / "annotations.json").is_file(), reason=f"coco128 not present at {COCO128}")
+@needs_coco128
 def test_coco128_smoke() -> None:
     d = load_coco(COCO128 / "annotations.json", COCO128 / "images", filter_empty=True, is_train=True)
     assert d.num_classes == 80 and d.category_ids[-1] == 90 and d.class_names[0] == "person"

@@ -26,11 +26,12 @@ from detkit.evaluation import (
     format_per_class_table,
 )
 from detkit.structures import Detections
+from shared_data import coco128_root, require_coco128
 
 CATEGORY_IDS = [3, 7, 12]  # non-contiguous; labels 0, 1, 2
 CLASS_NAMES = ["cat", "dog", "bird"]
 IMAGES = {1: (64, 80), 2: (48, 48), 3: (120, 110), 4: (40, 40)}  # id -> (h, w); image 4 has no GT
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "annotations.json"
+COCO128 = coco128_root() / "annotations.json"
 
 
 def _rect(x1: float, y1: float, x2: float, y2: float) -> list[float]:
@@ -380,8 +381,7 @@ def test_two_process_gloo_equals_single_process(gt_file: str, tmp_path: Path) ->
 
 
 def test_coco128_perfect_predictions() -> None:
-    if not COCO128.is_file():
-        pytest.skip(f"{COCO128} is absent (optional real-COCO test data)")
+    require_coco128("annotations.json")
     coco = _load_coco(str(COCO128))
     cat_ids = sorted(coco.getCatIds())
     names = [coco.cats[c]["name"] for c in cat_ids]

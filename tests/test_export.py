@@ -39,6 +39,7 @@ from detkit.export import (
     verify_exports,
 )
 from detkit.models.build import build_detector
+from shared_data import coco128_root, require_coco128
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "export.py"
@@ -143,13 +144,12 @@ def test_exports_match_pytorch_on_other_sizes_and_zero_detections(exported: dict
         assert [o.dtype for o in outs[:3]] == [torch.float32, torch.float32, torch.int64]
 
 
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
+COCO128 = coco128_root() / "images"
 
 
 @needs_ort
 def test_exports_match_pytorch_on_real_coco_images(exported: dict) -> None:
-    if not COCO128.is_dir():
-        pytest.skip(f"real COCO images not found at {COCO128}")
+    require_coco128("images")
     files = sorted(COCO128.glob("*.jpg"))[:2]
     cfg = load_config(CONFIG, OVERRIDES)  # input.min_size_test=128, max_size_test=192
     named = verification_images(cfg, exported["model"], files)  # resized like the Predictor, + a blank image

@@ -29,12 +29,13 @@ import torch
 from PIL import Image
 
 from detkit.visualization import class_color
+from shared_data import coco128_root, require_coco128
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+COCO128 = coco128_root()
 IMAGE = "000000000009.jpg"
 WAIT_S = 60
 
@@ -125,8 +126,7 @@ class _Server:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """The app on a free port; ``predict_posts`` counts the POSTs to /v1/predict it received."""
     _require_browser()
-    if not (COCO128 / "images" / IMAGE).is_file():
-        pytest.skip(f"coco128 not found at {COCO128} (needs images/{IMAGE})")
+    require_coco128("annotations.json", f"images/{IMAGE}")
     from detkit.serve.app import create_app
     from detkit.serve.settings import ServeOptions
 

@@ -17,10 +17,11 @@ from detkit.config import load_detection_config
 from detkit.errors import UsageError
 from detkit.structures import Targets
 from detkit.visualization import class_color, draw_ground_truth, draw_targets, make_contact_sheet
+from shared_data import coco128_root, require_coco128
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "browse_dataset.py"
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+COCO128 = coco128_root()
 
 TINY_CONFIG = """\
 model:
@@ -141,8 +142,7 @@ def test_bad_inputs_give_one_line(tiny_config: Path, tmp_path: Path) -> None:
 
 
 def test_browse_real_coco128(tmp_path: Path) -> None:
-    if not (COCO128 / "annotations.json").is_file():
-        pytest.skip(f"real COCO data not found at {COCO128} (optional test)")
+    require_coco128()
     cfg = tmp_path / "coco.yaml"
     cfg.write_text("model: {meta_architecture: mask_rcnn}\ninput: {min_size_train: [160], max_size_train: 240}\n")
     r = run_tool("--config", str(cfg), "--num", "4", "--contact-sheet", "--output", str(tmp_path / "o"),

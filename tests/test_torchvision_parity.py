@@ -30,9 +30,10 @@ import detkit
 from detkit.config import load_config
 from detkit.models.build import build_detector
 from detkit.structures import Detections
+from shared_data import coco128_root, require_coco128
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
+COCO128 = coco128_root() / "images"
 BUILDERS = {
     "faster": torchvision.models.detection.fasterrcnn_resnet50_fpn,
     "mask": torchvision.models.detection.maskrcnn_resnet50_fpn,
@@ -169,8 +170,7 @@ def test_parity_synthetic_small(models) -> None:
 def _coco128_images(indices: list[int], short: int, max_long: int = 1333) -> list[torch.Tensor]:
     """COCO128 images (by index in name order) resized to short side ``short`` (long side <= ``max_long``);
     skips the test when the images are not there."""
-    if not COCO128.is_dir():
-        pytest.skip(f"COCO128 images not found at {COCO128}; real-image parity not checked")
+    require_coco128("images")
     import cv2
 
     names = sorted(os.listdir(COCO128))

@@ -37,9 +37,10 @@ from detkit.config import load_config
 from detkit.layers import FrozenBatchNorm2d
 from detkit.models.build import build_detector
 from detkit.structures import Detections
+from shared_data import coco128_root, require_coco128
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
+COCO128 = coco128_root() / "images"
 TVD = torchvision.models.detection
 V2_BUILDERS = {"faster": TVD.fasterrcnn_resnet50_fpn_v2, "mask": TVD.maskrcnn_resnet50_fpn_v2}
 V1_BUILDERS = {"faster": TVD.fasterrcnn_resnet50_fpn, "mask": TVD.maskrcnn_resnet50_fpn}
@@ -272,7 +273,7 @@ def test_v2_parity_coco128_at_test_size(v2_models) -> None:
     """A real COCO image at torchvision's test size (short side 800, long side <= 1333) and settings."""
     rgb = _coco128_image()
     if rgb is None:
-        pytest.skip(f"COCO128 images not found at {COCO128}; real-image v2 parity not checked")
+        require_coco128("images")
     _check(v2_models, [rgb], "coco128-800")
 
 

@@ -17,9 +17,10 @@ from detkit.data.synthetic import make_shapes_coco
 from detkit.cli import default_argument_parser, run_cli
 from detkit.config import load_detection_config
 from detkit.engine.run_detection import evaluate_detection, train_detection
+from shared_data import coco128_root, needs_coco128
 
 ROOT = Path(__file__).resolve().parents[1]
-COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
+COCO128 = coco128_root()
 MASK_R18 = ROOT / "configs" / "coco" / "mask_rcnn_R_18_FPN_1x.yaml"
 DEMO = ROOT / "configs" / "demo" / "shapes_mask_rcnn_R_18_FPN.yaml"
 
@@ -59,8 +60,7 @@ def _subset(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-@pytest.mark.skipif(not (COCO128 / "annotations.json").is_file(),
-                    reason=f"coco128 not found at {COCO128} (annotations.json + images/)")
+@needs_coco128
 def test_mask_rcnn_r18_on_coco128_writes_all_outputs_then_eval(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
     val = _subset(COCO128 / "annotations.json", tmp_path / "val3.json", 3)
