@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
@@ -48,7 +48,8 @@ class Prediction:
         boxes: float32 [N, 4] xyxy.
         scores: float32 [N], sorted in decreasing order.
         labels: int64 [N], indices into ``Predictor.class_names``.
-        masks: bool [N, H, W] instance masks for Mask R-CNN, else None.
+        masks: bool [N, H, W] instance masks for Mask R-CNN when they were asked for (``predict``'s
+            ``masks``, default yes), else None.
     """
 
     boxes: np.ndarray
@@ -214,20 +215,28 @@ class Predictor:
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def __call__(self, image: np.ndarray) -> Prediction:
-        """Detect objects in one uint8 HxWx3 RGB image."""
-        return self.predict([_check_image(image)])[0]
+    def __call__(self, image: np.ndarray, masks: bool = True) -> Prediction:
+        """Detect objects in one uint8 HxWx3 RGB image (``masks``: as in :meth:`predict`)."""
+        return self.predict([_check_image(image)], masks=masks)[0]
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Prediction]:
+    def predict(self, images: Sequence[np.ndarray], masks: Union[bool, Sequence[bool]] = True) -> list[Prediction]:
         """Detect objects in a list of uint8 HxWx3 RGB images.
 
         Up to ``test.batch_size`` images go through the model per call, grouped by their size after
         resizing: a batch only holds images of one size, so no image is padded for another one and
         every result equals what ``predictor(image)`` gives.
+
+        ``masks``: paste Mask R-CNN's instance masks at the image's resolution (``Prediction.masks``),
+        for every image or, as a list, per image. Without them ``Prediction.masks`` is None and the
+        memory they take is never allocated: an image's masks are N x H x W booleans, about 2.5 GB for
+        100 detections on a 25-megapixel image.
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise ValueError("Predictor.predict: expects a list of images; use predictor(image) for one image")
         images = [_check_image(im, i) for i, im in enumerate(images)]
+        want_masks = [bool(masks)] * len(images) if isinstance(masks, (bool, np.bool_)) else [bool(m) for m in masks]
+        if len(want_masks) != len(images):
+            raise ValueError(f"Predictor.predict: masks has {len(want_masks)} flags for {len(images)} images")
         batch = max(int(self.cfg.test.batch_size), 1)
         resized = [self.transform(im).image for im in images]  # H' x W' x 3 uint8
         by_size: dict[tuple[int, ...], list[int]] = {}
@@ -238,6 +247,8 @@ class Predictor:
             for start in range(0, len(indices), batch):
                 chunk = indices[start : start + batch]
                 for i, det in zip(chunk, self._run([resized[i] for i in chunk])):
+                    if not want_masks[i]:
+                        det = replace(det, masks=None)  # never pasted
                     results[i] = self._to_prediction(det, resized[i].shape[:2], images[i].shape[:2])
         return results  # type: ignore[return-value]
 

@@ -113,11 +113,12 @@ class RecordingPredictor:
             inner.device
         self.batches: list[int] = []
         self.batch_shapes: list[set[tuple[int, ...]]] = []
+        self.mask_flags: list[list[bool]] = []
         self.active = self.max_active = 0
         self.entered = threading.Event()
         self._lock = threading.Lock()
 
-    def predict(self, images: Sequence[np.ndarray]) -> list:
+    def predict(self, images: Sequence[np.ndarray], masks=True) -> list:
         with self._lock:
             self.active += 1
             self.max_active = max(self.max_active, self.active)
@@ -130,7 +131,8 @@ class RecordingPredictor:
                 assert self.gate.wait(60), "the test never opened the gate"
             if fail:
                 raise RuntimeError("simulated model failure")
-            return self.inner.predict(images)
+            self.mask_flags.append(list(masks))
+            return self.inner.predict(images, masks=masks)
         finally:
             with self._lock:
                 self.active -= 1
@@ -224,6 +226,15 @@ def test_masks_rle_decode_to_predictor_masks(client: TestClient, predictor: Any)
     decoded = np.stack([mask_util.decode({"size": m["size"], "counts": m["counts"].encode()}) for m in body["masks"]])
     assert decoded.any(), "the tiny model's masks should not all be empty"
     np.testing.assert_array_equal(decoded.astype(bool), expected.masks)
+
+
+def test_masks_are_pasted_only_for_requests_that_ask(predictor: Any, config_path: Path) -> None:
+    stub = RecordingPredictor(predictor)
+    with TestClient(create_app(stub, options(config_path, max_batch=1))) as c:
+        assert "masks" not in post_file(c, png(random_image(0))).json()
+        assert len(post_file(c, png(random_image(0)), "?masks=rle").json()["masks"]) >= 0
+        assert "masks" not in post_file(c, png(random_image(0)), "?masks=none").json()
+    assert stub.mask_flags == [[False], [True], [False]]
 
 
 def test_score_thresh_filters_on_the_server(client: TestClient, predictor: Any) -> None:

@@ -289,7 +289,7 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
         except ImageRejected as e:
             raise HTTPError(e.status, e.message) from None
         try:
-            future = batcher.submit(image)
+            future = batcher.submit(image, masks=masks)  # masks are pasted only for ?masks=rle
         except (QueueFull, ShuttingDown) as e:
             raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
         try:

@@ -30,7 +30,8 @@ from ..predictor import Prediction
 
 __all__ = ["BatchResult", "MicroBatcher", "QueueFull", "ShuttingDown"]
 
-PredictFn = Callable[[Sequence[np.ndarray]], list[Prediction]]
+#: ``predict(images, masks=[flag per image]) -> predictions``, e.g. :meth:`detkit.predictor.Predictor.predict`
+PredictFn = Callable[..., list[Prediction]]
 
 
 class QueueFull(RuntimeError):
@@ -63,6 +64,7 @@ class _Item:
     image: np.ndarray
     future: Future
     submitted: float  # time.perf_counter() at submit
+    masks: bool = True  # paste this image's instance masks
 
 
 _STOP = object()  # tells the worker to finish
@@ -109,11 +111,13 @@ class MicroBatcher:
                 self._thread = threading.Thread(target=self._run, name="detkit-serve-batcher", daemon=True)
                 self._thread.start()
 
-    def submit(self, image: np.ndarray) -> "Future[BatchResult]":
+    def submit(self, image: np.ndarray, masks: bool = True) -> "Future[BatchResult]":
         """Queue ``image`` (uint8 HxWx3 RGB); the future gets its :class:`BatchResult` or the
-        exception ``predict`` raised. Raises :class:`QueueFull` when ``queue_size`` images wait."""
+        exception ``predict`` raised. ``masks``: whether this image's instance masks are pasted (the
+        batch's ``predict`` gets one flag per image). Raises :class:`QueueFull` when ``queue_size``
+        images wait."""
         self.start()
-        item = _Item(image, Future(), time.perf_counter())
+        item = _Item(image, Future(), time.perf_counter(), bool(masks))
         try:
             self._queue.put_nowait(item)
         except queue.Full:
@@ -171,7 +175,7 @@ class MicroBatcher:
             return
         start = time.perf_counter()
         try:
-            preds = self.predict([it.image for it in live])
+            preds = self.predict([it.image for it in live], masks=[it.masks for it in live])
             if len(preds) != len(live):
                 raise RuntimeError(f"predict returned {len(preds)} predictions for {len(live)} images")
         except Exception as e:  # noqa: BLE001 - every waiting request gets the error; the worker lives on
