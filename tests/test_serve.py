@@ -398,7 +398,12 @@ def test_batches_hold_one_image_size(predictor: Any, config_path: Path) -> None:
         assert_matches(r.json(), predictor(im), predictor.class_names, im.shape[:2])
 
 
-def test_full_queue_answers_503_with_retry_after(predictor: Any, config_path: Path) -> None:
+def test_full_queue_answers_503_with_retry_after(predictor: Any, config_path: Path, monkeypatch) -> None:
+    import detkit.serve.app as app_module
+
+    decoded: list[int] = []
+    real_decode = app_module.decode_image
+    monkeypatch.setattr(app_module, "decode_image", lambda *a: decoded.append(1) or real_decode(*a))
     gate = threading.Event()
     stub = RecordingPredictor(predictor, gate=gate)
     data = png(random_image(20))
@@ -415,15 +420,41 @@ def test_full_queue_answers_503_with_retry_after(predictor: Any, config_path: Pa
         while batcher.waiting < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
         assert batcher.waiting == 2, "the two requests never reached the queue"
+        assert len(decoded) == 3
         r = post_file(c, data)
         assert_error(r, 503, "busy")
         assert r.headers["retry-after"] == "1"
+        assert len(decoded) == 3, "the refused upload was decoded: the queue must be checked first"
         gate.set()
         for t in [first, *waiting]:
             t.join(60)
         assert [x.status_code for x in results] == [200, 200, 200]
         assert_still_serving(c)
     assert stub.batches == [1, 1, 1, 1] and stub.max_active == 1
+
+
+def test_at_most_max_decodes_uploads_decode_at_once(predictor: Any, config_path: Path, monkeypatch) -> None:
+    import detkit.serve.app as app_module
+
+    lock, now, peak = threading.Lock(), [0], [0]
+    real_decode = app_module.decode_image
+
+    def slow_decode(*args: Any) -> np.ndarray:
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.2)  # long enough for every request to arrive while others decode
+            return real_decode(*args)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    monkeypatch.setattr(app_module, "decode_image", slow_decode)
+    with TestClient(create_app(predictor, options(config_path, queue_size=16))) as c:
+        responses = concurrent_posts(c, [png(random_image(40 + i)) for i in range(6)])
+    assert [r.status_code for r in responses] == [200] * 6
+    assert peak[0] == app_module.MAX_DECODES
 
 
 def test_failed_prediction_is_500_and_the_server_keeps_serving(predictor: Any, config_path: Path, caplog) -> None:

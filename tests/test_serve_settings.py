@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,8 @@ from detkit.cli import run_cli
 from detkit.errors import UsageError
 from detkit.serve.server import bind_socket
 from detkit.serve.settings import ServeOptions
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("field,value,flag", [("max_batch", 0, "--max-batch"), ("max_wait_ms", -1.0, "--max-wait-ms"),
@@ -60,3 +63,40 @@ def test_core_modules_do_not_need_fastapi(monkeypatch: pytest.MonkeyPatch) -> No
         importlib.import_module(name)
     with pytest.raises(ImportError):
         importlib.import_module("detkit.serve.app")
+
+
+_OPENCV_LIMIT = """
+import os, runpy, sys
+sys.argv = ["serve.py", "--max-pixels=5000", "--port", "0"]
+runpy.run_path(sys.argv_path, run_name="serve_tool")  # the tool's imports, not its main()
+import cv2, numpy as np
+from detkit.serve.decode import ImageRejected, decode_image
+ok, png = cv2.imencode(".png", np.zeros((100, 100, 3), np.uint8))
+try:
+    decode_image(png.tobytes(), 10**9, 10**9)  # the header check lets it through: OpenCV's limit decides
+    print(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"), "decoded")
+except ImageRejected as e:
+    print(os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS"), e.status, e.message)
+"""
+
+
+def test_serve_tool_gives_opencv_the_max_pixels_limit() -> None:
+    import subprocess
+
+    from detkit.serve.limits import max_pixels_arg
+
+    assert max_pixels_arg(["--max-pixels", "7"]) == 7 and max_pixels_arg(["--max-pixels=8"]) == 8
+    assert max_pixels_arg(["--port", "0"]) == 25_000_000 and max_pixels_arg(["--max-pixels", "x"]) == 25_000_000
+    script = _OPENCV_LIMIT.replace("sys.argv_path", repr(str(ROOT / "tools" / "serve.py")))
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    env, status, message = out.stdout.strip().splitlines()[-1].split(" ", 2)
+    assert env == "5000" and status == "413" and "more pixels than its 100x100 header" in message, out.stdout
+
+
+def test_uvicorn_limits_follow_the_queue() -> None:
+    from detkit.serve.server import connection_limits
+    from detkit.serve.settings import ServeOptions
+
+    limits = connection_limits(ServeOptions(config="c.yaml", queue_size=10, max_batch=4))
+    assert limits["limit_concurrency"] == 10 + 4 + 16 and limits["timeout_keep_alive"] == 5

@@ -14,7 +14,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from detkit.cli import run_cli
+from detkit.serve.limits import DEFAULT_MAX_PIXELS, limit_opencv_pixels, max_pixels_arg
+
+limit_opencv_pixels(max_pixels_arg(sys.argv[1:]))  # before anything loads OpenCV, which reads its limit once
+
+from detkit.cli import run_cli  # noqa: E402
 
 EPILOG = """examples:
   # serve a trained model on http://127.0.0.1:8000/ (open it in a browser)
@@ -57,7 +61,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "decoded, so they can take queue-size x max-pixels x 3 bytes")
     p.add_argument("--max-bytes", type=int, default=20 * 1024 * 1024,
                    help="largest image file accepted, in bytes (default: 20 MiB; larger: 413)")
-    p.add_argument("--max-pixels", type=int, default=25_000_000,
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="largest width x height accepted, read from the header before decoding (default: 25M)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input.min_size_test=640")
     return p.parse_args(argv)

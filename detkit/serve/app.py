@@ -13,8 +13,10 @@ Routes (the contract the page in ``detkit/serve/static/`` codes against):
   detections by decreasing score.
 
 Every error is ``{"error": "<one line>"}``: 400 bad input, 413 over ``max_bytes`` / ``max_pixels``,
-415 other content types, 503 with ``Retry-After: 1`` when the queue is full, 500 a failed
-prediction; the server keeps serving after each. Images are decoded in a thread pool and
+415 other content types, 503 with ``Retry-After: 1`` when the queue is full (checked before an upload is
+decoded; images being decoded count against it), 500 a failed prediction (``internal error`` and a request
+id; the details are in the log); the server keeps serving after each. Images are decoded in a thread pool
+(at most :data:`MAX_DECODES` at once) and
 predicted by the one worker thread of :class:`~detkit.serve.batcher.MicroBatcher`, so the event
 loop never waits for the CPU-heavy work.
 """
@@ -69,6 +71,10 @@ class HTTPError(Exception):
 
 def _error(status: int, message: str, headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
     return JSONResponse({"error": " ".join(str(message).split())}, status_code=status, headers=headers)
+
+
+#: uploads decoded at once (in the threadpool); the others wait for a slot, already counted in the queue
+MAX_DECODES = 2
 
 
 def model_info(predictor: Any, opts: ServeOptions) -> dict[str, Any]:
@@ -238,6 +244,8 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
     batcher = MicroBatcher(predictor.predict, opts.max_batch, opts.max_wait_ms, opts.queue_size)
     info = model_info(predictor, opts)
     class_names = list(predictor.class_names)
+    decoding = [0]  # requests decoding right now (the event loop is one thread: no lock needed)
+    decode_slots = asyncio.Semaphore(MAX_DECODES)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -284,14 +292,22 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
         t0 = time.perf_counter()
         masks, score_thresh = _query(request.query_params)
         data = await _image_bytes(request, opts)
+        # capacity before decoding: a decoded image is up to 3 x --max-pixels bytes, so images being decoded
+        # count against the queue, and at most MAX_DECODES decode at once
+        if batcher.waiting + decoding[0] >= opts.queue_size:
+            raise HTTPError(503, f"server busy: {opts.queue_size} images are waiting for the model; retry shortly",
+                            {"Retry-After": "1"})
+        decoding[0] += 1
         try:
-            image = await run_in_threadpool(decode_image, data, opts.max_bytes, opts.max_pixels)
+            async with decode_slots:
+                image = await run_in_threadpool(decode_image, data, opts.max_bytes, opts.max_pixels)
+            future = batcher.submit(image, masks=masks)  # masks are pasted only for ?masks=rle
         except ImageRejected as e:
             raise HTTPError(e.status, e.message) from None
-        try:
-            future = batcher.submit(image, masks=masks)  # masks are pasted only for ?masks=rle
         except (QueueFull, ShuttingDown) as e:
             raise HTTPError(503, f"server busy: {e}", {"Retry-After": "1"}) from None
+        finally:
+            decoding[0] -= 1
         try:
             result = await asyncio.wrap_future(future)
         except ShuttingDown as e:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import cv2
 import numpy as np
 
 from ..data.images import ImageReadError, decode_image_bytes
@@ -99,6 +100,11 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int) -> np.ndarray:
     header = read_header(data, max_pixels)  # the pixel limit, before any pixel is decoded
     try:
         img = decode_image_bytes(np.frombuffer(data, dtype=np.uint8), UPLOAD)  # as training reads files
+    except cv2.error as e:  # OpenCV's own pixel limit (detkit.serve.limits), when the header understated it
+        if "MAX_IMAGE_PIXELS" not in str(e):
+            raise
+        raise ImageRejected(413, f"image too large: the {header.format} data holds more pixels than its "
+                                 f"{header.width}x{header.height} header says, over the limit (--max-pixels)") from None
     except ImageReadError as e:
         if e.reason.startswith("not a decodable image"):
             raise ImageRejected(400, f"not a decodable image: the {header.format} data is corrupt or unsupported") from None

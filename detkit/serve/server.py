@@ -39,6 +39,13 @@ def server_url(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
+def connection_limits(opts: ServeOptions) -> dict[str, int]:
+    """uvicorn's connection limits for ``opts``: at most the queue, a batch being predicted, the uploads
+    decoding and a few health / page requests open at once (more get 503 from uvicorn before any byte of
+    their body is read), and idle keep-alive connections closed after 5 s."""
+    return {"limit_concurrency": opts.queue_size + opts.max_batch + 16, "timeout_keep_alive": 5}
+
+
 def serve(opts: ServeOptions) -> None:
     """Serve ``opts.config`` on ``opts.host:opts.port`` until interrupted (Ctrl-C: graceful shutdown)."""
     check_serve_extra()
@@ -54,7 +61,8 @@ def serve(opts: ServeOptions) -> None:
         print(f"serving {opts.config} ({predictor.cfg.model.meta_architecture}, {predictor.precision}, "
               f"{predictor.device}) on {server_url(sock)} (max batch {opts.max_batch}, max wait "
               f"{opts.max_wait_ms:g} ms, queue {opts.queue_size})", flush=True)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10)
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=10,
+                                **connection_limits(opts))
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         sock.close()
