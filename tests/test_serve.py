@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import zlib
 from pathlib import Path
@@ -457,6 +458,25 @@ def test_at_most_max_decodes_uploads_decode_at_once(predictor: Any, config_path:
     assert peak[0] == app_module.MAX_DECODES
 
 
+def test_not_ready_until_the_warmup_sizes_were_predicted(predictor: Any, config_path: Path) -> None:
+    gate = threading.Event()
+    stub = RecordingPredictor(predictor, gate=gate)
+    with TestClient(create_app(stub, options(config_path, warmup=((64, 80), (80, 64))))) as c:
+        assert stub.entered.wait(30), "the warm-up never reached the model"
+        assert c.get("/livez").json() == {"status": "ok"}  # alive while warming up
+        for path in ("/readyz", "/healthz"):
+            r = c.get(path)
+            assert r.status_code == 503 and r.json() == {"status": "warming up"} and r.headers["retry-after"] == "1"
+        assert_error(post_file(c, png(random_image(0))), 503, "warming up")
+        gate.set()
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert c.get("/readyz").json() == {"status": "ok"} and c.get("/healthz").status_code == 200
+        assert_still_serving(c)
+    assert stub.batch_shapes[:2] == [{(64, 80, 3)}, {(80, 64, 3)}] and stub.mask_flags[:2] == [[False], [False]]
+
+
 def test_failed_prediction_is_500_and_the_server_keeps_serving(predictor: Any, config_path: Path, caplog) -> None:
     stub = RecordingPredictor(predictor, fail_first=True)
     with TestClient(create_app(stub, options(config_path))) as c, caplog.at_level(logging.ERROR, logger="detkit"):
@@ -483,8 +503,17 @@ def test_tool_serves_over_http_and_stops_on_ctrl_c(config_path: Path) -> None:
         url = re.search(r"http://127\.0\.0\.1:\d+/", lines[0])
         assert url, lines[0]
         base = url.group(0)
-        with urllib.request.urlopen(base + "healthz", timeout=60) as r:
+        with urllib.request.urlopen(base + "livez", timeout=60) as r:
             assert json.load(r) == {"status": "ok"}
+        deadline, ready = time.monotonic() + 120, None
+        while ready is None and time.monotonic() < deadline:  # the default warm-up: 480x640 and 640x480
+            try:
+                with urllib.request.urlopen(base + "readyz", timeout=60) as r:
+                    ready = json.load(r)
+            except urllib.error.HTTPError as e:
+                assert e.code == 503
+                time.sleep(0.1)
+        assert ready == {"status": "ok"}
         body = json.dumps({"image": base64.b64encode(png(random_image(0))).decode()}).encode()
         req = urllib.request.Request(base + "v1/predict", data=body, headers={"content-type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:

@@ -100,3 +100,14 @@ def test_uvicorn_limits_follow_the_queue() -> None:
 
     limits = connection_limits(ServeOptions(config="c.yaml", queue_size=10, max_batch=4))
     assert limits["limit_concurrency"] == 10 + 4 + 16 and limits["timeout_keep_alive"] == 5
+
+
+def test_warmup_sizes_are_parsed_or_refused_in_one_line() -> None:
+    from detkit.serve.settings import parse_sizes
+
+    assert parse_sizes(["480x640", "720X1280"], "--warmup") == ((480, 640), (720, 1280))
+    for bad in ("480", "0x640", "ax640", "480x640x3"):
+        with pytest.raises(UsageError, match=f"--warmup {bad}: not a size; give HEIGHTxWIDTH"):
+            parse_sizes([bad], "--warmup")
+    with pytest.raises(UsageError, match="--warmup"):
+        ServeOptions(config="c.yaml", warmup=((0, 5),)).validate()

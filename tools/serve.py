@@ -20,6 +20,8 @@ limit_opencv_pixels(max_pixels_arg(sys.argv[1:]))  # before anything loads OpenC
 
 from detkit.cli import run_cli  # noqa: E402
 
+DEFAULT_WARMUP = ["480x640", "640x480"]
+
 EPILOG = """examples:
   # serve a trained model on http://127.0.0.1:8000/ (open it in a browser)
   python tools/serve.py --config runs/mine/config.yaml --weights runs/mine/checkpoints/best.pth
@@ -30,6 +32,10 @@ EPILOG = """examples:
   curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/predict?score_thresh=0.5'
   curl -F image=@photo.jpg 'http://127.0.0.1:8000/v1/predict?masks=rle'
   curl http://127.0.0.1:8000/v1/model
+  # int8, ready only once the sizes your clients send are compiled
+  python tools/serve.py --config runs/mine/config.yaml --weights best.pth --precision int8 \\
+      --warmup 720x1280 --warmup 1280x720
+  curl -f http://127.0.0.1:8000/readyz   # 503 while warming up; /livez answers at once
 
 POST /v1/predict takes a multipart form with the file in field "image", or JSON {"image": "<base64>"},
 and answers {"width", "height", "boxes" [[x1, y1, x2, y2], ...] (image pixels), "scores", "labels",
@@ -63,6 +69,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="largest image file accepted, in bytes (default: 20 MiB; larger: 413)")
     p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                    help="largest width x height accepted, read from the header before decoding (default: 25M)")
+    p.add_argument("--warmup", action="append", default=None, metavar="HxW",
+                   help="an image size predicted once before /readyz says ready; repeat it for more (default: "
+                        "480x640 and 640x480; int8 compiles its size buckets then; 'none': ready at once)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. input.min_size_test=640")
     return p.parse_args(argv)
 
@@ -70,7 +79,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Serve as the command line says (errors: see :func:`detkit.cli.run_cli`)."""
     args = parse_args(argv)
-    from detkit.serve.settings import ServeOptions, check_serve_extra  # after parsing: --help stays instant
+    from detkit.serve.settings import ServeOptions, check_serve_extra, parse_sizes  # after parsing: --help stays instant
 
     check_serve_extra()
     from detkit.serve.server import serve
@@ -79,6 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         config=args.config, weights=args.weights, device=args.device, precision=args.precision, host=args.host,
         port=args.port, max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, queue_size=args.queue_size,
         max_bytes=args.max_bytes, max_pixels=args.max_pixels, overrides=tuple(args.overrides),
+        warmup=parse_sizes([v for v in args.warmup or DEFAULT_WARMUP if v != "none"], "--warmup"),
     ))
     return 0
 

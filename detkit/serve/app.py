@@ -3,7 +3,9 @@
 Routes (the contract the page in ``detkit/serve/static/`` codes against):
 
 * ``GET /`` -> ``static/index.html``; ``GET /static/<file>`` -> a file of ``static/``.
-* ``GET /healthz`` -> ``{"status": "ok"}``.
+* ``GET /livez`` -> ``{"status": "ok"}`` while the process serves (liveness).
+* ``GET /readyz`` (and ``GET /healthz``) -> ``{"status": "ok"}`` once the ``warmup`` sizes were predicted,
+  503 ``{"status": "warming up"}`` before (readiness); ``/v1/predict`` answers 503 until then too.
 * ``GET /v1/model`` -> architecture, classes, precision, device, a config summary (no server paths), the
   batching settings.
 * ``POST /v1/predict[?masks=rle][&score_thresh=F]`` with a multipart form (file in field ``image``)
@@ -247,17 +249,32 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
     decoding = [0]  # requests decoding right now (the event loop is one thread: no lock needed)
     decode_slots = asyncio.Semaphore(MAX_DECODES)
 
+    async def warm_up() -> None:
+        """Predict one blank image per ``opts.warmup`` size through the batcher (its worker is the only
+        caller of ``predict``), then say ready; a failure is logged and the server stays unready."""
+        try:
+            for h, w in opts.warmup:
+                t0 = time.perf_counter()
+                await asyncio.wrap_future(batcher.submit(np.zeros((h, w, 3), np.uint8), masks=False))
+                logger.info("serve: warm-up at %dx%d took %.1f s", h, w, time.perf_counter() - t0)
+            app.state.ready = True
+        except Exception:  # noqa: BLE001 - the reason is in the log; /readyz keeps answering 503
+            logger.exception("serve: warm-up failed; the server will not report ready")
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
+        task = asyncio.create_task(warm_up())  # liveness answers meanwhile
         try:
             yield
         finally:
+            task.cancel()
             await run_in_threadpool(batcher.close)
 
     app = FastAPI(title="detkit", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.batcher = batcher
     app.state.options = opts
+    app.state.ready = not opts.warmup
 
     @app.exception_handler(HTTPError)
     async def _http_error(request: Request, e: HTTPError) -> JSONResponse:
@@ -271,9 +288,17 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
     async def _validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         return _error(400, f"bad request: {e.errors()[0].get('msg', 'invalid value') if e.errors() else e}")
 
+    @app.get("/livez")
+    async def livez() -> dict[str, str]:
+        return {"status": "ok"}  # liveness: the process serves requests
+
+    @app.get("/readyz")
     @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    async def readyz() -> JSONResponse:
+        # readiness: warmed up and predicting (load balancers send traffic only then)
+        if not app.state.ready:
+            return JSONResponse({"status": "warming up"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/model")
     async def model() -> dict[str, Any]:
@@ -290,6 +315,9 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
     @app.post("/v1/predict")
     async def predict(request: Request) -> Response:
         t0 = time.perf_counter()
+        if not app.state.ready:
+            raise HTTPError(503, "server warming up (GET /readyz says when it is ready); retry shortly",
+                            {"Retry-After": "1"})
         masks, score_thresh = _query(request.query_params)
         data = await _image_bytes(request, opts)
         # capacity before decoding: a decoded image is up to 3 x --max-pixels bytes, so images being decoded

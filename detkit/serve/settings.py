@@ -18,7 +18,7 @@ from ..errors import UsageError
 from ..machine import resolve_device
 from ..predictor import PRECISIONS, Predictor
 
-__all__ = ["SERVE_MODULES", "ServeOptions", "build_predictor", "check_serve_extra"]
+__all__ = ["SERVE_MODULES", "ServeOptions", "build_predictor", "check_serve_extra", "parse_sizes"]
 
 MB = 1024 * 1024
 
@@ -41,6 +41,9 @@ class ServeOptions:
         max_pixels: largest accepted width x height, read from the file header before decoding
             (413 above: a decompression bomb guard).
         overrides: ``key=value`` config overrides.
+        warmup: ``(height, width)`` image sizes predicted once before the server says it is ready
+            (``GET /readyz``): first calls pay one-time costs (int8 compiles one graph per size bucket,
+            for seconds to a minute), which would otherwise block the worker on live requests.
     """
 
     config: Optional[str] = None
@@ -55,6 +58,7 @@ class ServeOptions:
     max_bytes: int = 20 * MB
     max_pixels: int = 25_000_000
     overrides: Sequence[str] = ()
+    warmup: Sequence[tuple[int, int]] = ()
 
     def validate(self) -> "ServeOptions":
         """Raise a one-line :class:`UsageError` naming the flag of the first bad value; return self."""
@@ -68,11 +72,25 @@ class ServeOptions:
             (0 <= self.port <= 65535, "--port", self.port, "use 0..65535 (0: any free port)"),
             (self.precision is None or self.precision in PRECISIONS, "--precision", self.precision,
              f"use one of {', '.join(PRECISIONS)}"),
+            (all(h >= 1 and w >= 1 for h, w in self.warmup), "--warmup",
+             ",".join(f"{h}x{w}" for h, w in self.warmup), "give sizes as HEIGHTxWIDTH, e.g. 480x640"),
         ]
         for ok, flag, value, fix in checks:
             if not ok:
                 raise UsageError(f"{flag} {value}: out of range; {fix}")
         return self
+
+
+def parse_sizes(values: Sequence[str], flag: str) -> tuple[tuple[int, int], ...]:
+    """``["480x640", ...]`` -> ``((480, 640), ...)`` (height x width); a one-line :class:`UsageError` naming
+    ``flag`` for anything else."""
+    sizes = []
+    for v in values:
+        parts = v.lower().split("x")
+        if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+            raise UsageError(f"{flag} {v}: not a size; give HEIGHTxWIDTH in pixels, e.g. 480x640")
+        sizes.append((int(parts[0]), int(parts[1])))
+    return tuple(sizes)
 
 
 def build_predictor(opts: ServeOptions) -> Predictor:
