@@ -14,7 +14,7 @@ Same weights file (``torchvision_model(0).state_dict()`` of ``bench_cpu_inferenc
 keys, which detkit converts), same image (the first of ``load_images``, at short side 800, read with
 OpenCV in every child). Stages, each from the end of the one before: ``import`` (interpreter
 start + imports), ``config`` (detkit: config, classes, transform), ``build``, ``load`` (read and
-copy the weights), ``optimize`` (detkit: :func:`detkit.speed.optimize_for_inference`, BN folding
+copy the weights), ``optimize`` (detkit: :func:`detkit.inference.optimize.optimize_for_inference`, BN folding
 included), ``first call`` (image read included), and ``later call`` (a second call, not part of
 the total). detkit's stages are measured by wrapping the functions ``Predictor.__init__`` calls.
 Also printed: the child's process CPU seconds up to the first detection, and the ratio of the
@@ -73,7 +73,7 @@ def child(mode: str, weights: str, image_path: str) -> None:
         from detkit import Predictor
 
         marks["import"] = time.time()
-        import detkit.predictor as predictor_module
+        import detkit.inference.predictor as predictor_module
 
         def timed(stage: str, fn):
             def wrapper(*args, **kwargs):

@@ -55,7 +55,7 @@ from detkit import Predictor  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.machine import cpu_capability, machine_info  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
-from detkit.speed import bf16_supported, optimize_for_inference  # noqa: E402
+from detkit.inference.optimize import bf16_supported, optimize_for_inference  # noqa: E402
 
 CONFIG = ROOT / "configs/torchvision/faster_rcnn_R_50_FPN.yaml"
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"

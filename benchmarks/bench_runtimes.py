@@ -6,7 +6,7 @@ Runtimes (all on the same weights and images, one process, one image per call):
   detkit-int8                 ``Predictor(..., precision="int8")`` (``--int8``): calibrated on as many other
                               coco128 images in the speed part, on ``data.train`` for ``--trained``.
   detkit-P-aten / -onednn     detkit at precision P with the CPU conv kernel forced (``--conv-kernels``;
-                              the default picks one from the CPU's flags: ``detkit.speed.choose_conv_kernel``).
+                              the default picks one from the CPU's flags: ``detkit.inference.optimize.choose_conv_kernel``).
   ort-fp32                    onnxruntime ``CPUExecutionProvider`` on ``export_onnx`` of the same model.
   ov-fp32 / ov-bf16           OpenVINO (the ``[openvino]`` extra) on the same ONNX file, compiled with
                               ``INFERENCE_PRECISION_HINT`` f32 / bf16 (bf16 only where the CPU has it;
@@ -374,7 +374,7 @@ def main() -> None:
                    help=f"comma-separated subset of {', '.join(ALL_RUNTIMES)}")
     p.add_argument("--int8", action="store_true", help="add detkit-int8 (Predictor precision='int8')")
     p.add_argument("--conv-kernels", action="store_true",
-                   help="add detkit fp32/bf16 with each CPU conv kernel forced (detkit.speed.choose_conv_kernel)")
+                   help="add detkit fp32/bf16 with each CPU conv kernel forced (detkit.inference.optimize.choose_conv_kernel)")
     p.add_argument("--rss", action="store_true", help="peak RSS of each runtime in a fresh subprocess")
     p.add_argument("--skip-speed", action="store_true", help="only the --trained accuracy part")
     p.add_argument("--trained", nargs=2, action="append", default=[], metavar=("CONFIG", "WEIGHTS"),

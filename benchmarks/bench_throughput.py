@@ -46,7 +46,7 @@ from bench_cpu_inference import load_images, torchvision_model  # noqa: E402
 from detkit import Predictor  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.machine import bf16_supported, cpu_capability, cpu_speed_flags, machine_info  # noqa: E402
-from detkit.predictor import Prediction  # noqa: E402
+from detkit.inference.predictor import Prediction  # noqa: E402
 
 DEMO_CONFIG = ROOT / "configs/demo/shapes_mask_rcnn_R_18_FPN.yaml"
 R50_CONFIG = ROOT / "configs/torchvision/faster_rcnn_R_50_FPN.yaml"

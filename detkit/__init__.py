@@ -14,7 +14,7 @@ __all__ = ["Predictor", "load_weights", "load_config", "__version__"]
 
 def __getattr__(name: str) -> Any:
     if name == "Predictor":
-        from .predictor import Predictor
+        from .inference.predictor import Predictor
 
         return Predictor
     if name == "load_weights":

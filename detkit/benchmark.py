@@ -47,8 +47,8 @@ from .engine.detection import (
 from .engine.trainer import autocast_context
 from .errors import UsageError
 from .machine import MachineInfo, machine_info, resolve_device
-from .predictor import Predictor
-from .speed import PRECISIONS
+from .inference.predictor import Predictor
+from .inference.optimize import PRECISIONS
 from .structures import Batch, Targets
 
 __all__ = [

@@ -1,7 +1,7 @@
 """What this machine is: CPU model, cores, the CPU flags that matter for speed, software versions, GPUs.
 
 The one place that reads ``/proc/cpuinfo`` and asks PyTorch what this CPU / GPU can do (bf16,
-oneDNN); :mod:`detkit.speed` (re-exporting :func:`bf16_supported`), :mod:`detkit.benchmark` and
+oneDNN); :mod:`detkit.inference.optimize` (re-exporting :func:`bf16_supported`), :mod:`detkit.benchmark` and
 ``benchmarks/*.py`` (report headers) use it.
 
 Example::

@@ -27,11 +27,11 @@ from detkit.config import ConfigError, load_config
 from detkit.data.synthetic import make_shapes_coco
 from detkit.engine.run_detection import train_detection
 from detkit.export import export_onnx, export_torchscript, verify_exports
-from detkit.layers.inference import PackedLinear
+from detkit.inference.layers import PackedLinear
 from detkit.models.build import build_detector
 from detkit.models.roi_heads import CascadeROIHeads
 from detkit.models.roi_heads.cascade import ScaleGradient
-from detkit.speed import FusedFCHead, bf16_supported
+from detkit.inference.optimize import FusedFCHead, bf16_supported
 from detkit.structures import Detections, Proposals, Targets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -341,7 +341,7 @@ def test_grad_scaler_follows_the_resolved_amp(monkeypatch) -> None:
 
 def test_amp_auto_follows_native_bf16_support(monkeypatch) -> None:
     from detkit.engine import resolve_amp
-    from detkit.speed import bf16_supported
+    from detkit.inference.optimize import bf16_supported
 
     cpu = torch.device("cpu")
     native = bf16_supported(cpu)

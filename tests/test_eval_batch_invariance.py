@@ -20,7 +20,7 @@ from pycocotools import mask as mask_utils
 
 from detkit.config import load_config
 from detkit.data.synthetic import make_shapes_coco
-from detkit.engine.inference import same_size_groups
+from detkit.engine.evaluate import same_size_groups
 from detkit.models.build import build_detector
 
 from test_eval_det import DEMO, TINY_MODEL, eval_det

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def _int8_runs_here() -> bool:
     try:
-        from detkit.quantize import int8_supported
+        from detkit.inference.int8 import int8_supported
     except ImportError:
         return False
     return int8_supported("cpu")

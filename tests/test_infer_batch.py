@@ -18,9 +18,9 @@ import torch
 from tiny_configs import TINY_MASK_RCNN
 
 from detkit.errors import UsageError
-from detkit.infer import InferOptions, run_inference
-from detkit.infer_io import read_images
-from detkit.infer_parts import parts_dir_for
+from detkit.inference.runner import InferOptions, run_inference
+from detkit.inference.inputs import read_images
+from detkit.inference.parts import parts_dir_for
 from detkit.models.detector import TwoStageDetector
 
 pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.filterwarnings("ignore::DeprecationWarning")]

@@ -22,8 +22,8 @@ from tiny_configs import TINY_MASK_RCNN
 
 from detkit.cli import run_cli
 from detkit.errors import UsageError
-from detkit.infer import InferOptions, run_inference
-from detkit.infer_parts import (
+from detkit.inference.runner import InferOptions, run_inference
+from detkit.inference.parts import (
     MANIFEST,
     PartWriter,
     merge_parts,
@@ -33,7 +33,7 @@ from detkit.infer_parts import (
     read_parts,
     shard_indices,
 )
-from detkit.predictor import Predictor
+from detkit.inference.predictor import Predictor
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -268,7 +268,7 @@ def test_merge_keeps_the_parts_when_finished_images_are_missing(setup: dict[str,
     """A finished image whose line never reaches the parts folder (its process wrote elsewhere, e.g. a node
     without the shared folder) stops the merge in one line naming it; the parts stay, and --resume (after
     the lost image is predicted again) writes the whole results file."""
-    from detkit.infer_parts import PartsMissing
+    from detkit.inference.parts import PartsMissing
 
     out = tmp_path / "res.json"
     real_write = PartWriter.write
@@ -290,7 +290,7 @@ def test_merge_keeps_the_parts_when_finished_images_are_missing(setup: dict[str,
 
 
 def test_merge_parts_refuses_a_mismatch_with_the_finished_images(tmp_path: Path) -> None:
-    from detkit.infer_parts import PartsMissing
+    from detkit.inference.parts import PartsMissing
 
     names = ["a.jpg", "b.jpg", "c.jpg"]
     parts = tmp_path / "r.json.parts"

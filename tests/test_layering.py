@@ -1,4 +1,5 @@
-"""Data flows one way: every top-level module of detkit has a layer and imports only lower layers.
+"""Data flows one way: every top-level module of detkit (and every module of detkit/inference/, which spans
+layers) has a layer and imports only lower layers.
 
 The package root (``detkit/__init__.py``) is exempt: it re-exports lazily from the top.
 """
@@ -16,42 +17,64 @@ PKG = Path(__file__).resolve().parents[1] / "detkit"
 LAYER = {
     "errors": 0, "fileio": 0,
     "structures": 1, "config": 1, "machine": 1,
-    "layers": 2, "ops": 2,
+    "layers": 2, "ops": 2, "inference.layers": 2,
     "data": 3, "models": 3, "evaluation": 3, "visualization": 3,
-    "checkpoint": 4, "speed": 4, "quantize": 4,
-    "export": 5,
-    "engine": 6, "predictor": 6,
-    "analysis": 7, "infer": 7, "benchmark": 7, "serve": 7, "infer_parts": 6, "infer_io": 6,
+    "checkpoint": 4, "inference.optimize": 4, "inference.int8": 4,
+    "export": 5, "inference.openvino": 5.5,
+    "engine": 6, "inference.predictor": 6, "inference.parts": 6, "inference.inputs": 6,
+    "analysis": 7, "inference.runner": 7, "benchmark": 7, "serve": 7, "inference.__init__": 7,
     "cli": 8,
 }
+#: packages whose modules are layered one by one (the inference package spans layers 2 to 7)
+SPLIT = ("inference",)
 
 
 def _detkit_imports(path: Path) -> set[str]:
-    """Top-level detkit subpackages imported by a module (absolute or relative)."""
+    """Layered units of detkit (:func:`_unit`) imported by a module (absolute or relative)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
     rel_parts = path.relative_to(PKG).parts[:-1]
     found: set[str] = set()
+
+    def add(mod: list[str], names: list[str]) -> None:
+        if not mod:  # "from .. import x" at the package root: x are top-level modules
+            found.update(_unit([n]) for n in names)
+        elif mod[0] in SPLIT and len(mod) == 1:  # "from detkit.inference import x": x may be a module
+            for n in names or [""]:
+                sub = PKG / mod[0] / n
+                found.add(_unit(mod + [n]) if n and (sub.is_dir() or sub.with_suffix(".py").is_file())
+                          else _unit(mod))
+        else:
+            found.add(_unit(mod))
+
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for a in node.names:
                 parts = a.name.split(".")
                 if parts[0] == "detkit" and len(parts) > 1:
-                    found.add(parts[1])
+                    add(parts[1:], [])
         elif isinstance(node, ast.ImportFrom):
+            names = [a.name for a in node.names]
             if node.level == 0 and node.module and node.module.startswith("detkit."):
-                found.add(node.module.split(".")[1])
+                add(node.module.split(".")[1:], names)
             elif node.level > 0:
                 base = list(rel_parts[: len(rel_parts) - (node.level - 1)])
-                mod = base + (node.module.split(".") if node.module else [])
-                if mod:
-                    found.add(mod[0])
-                else:  # "from .. import x" at package root
-                    found.update(a.name for a in node.names)
+                add(base + (node.module.split(".") if node.module else []), names)
     return found
 
 
+def _unit(parts: list[str]) -> str:
+    """The layered unit of a dotted module path inside detkit (``["inference", "int8", "graphs"]`` ->
+    ``"inference.int8"``, ``["engine", "trainer"]`` -> ``"engine"``, ``["inference"]`` -> ``"inference.__init__"``)."""
+    if parts[0] in SPLIT:
+        return f"{parts[0]}.{parts[1]}" if len(parts) > 1 else f"{parts[0]}.__init__"
+    return parts[0]
+
+
 def _top_level(path: Path) -> str:
-    return path.relative_to(PKG).parts[0].removesuffix(".py")
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    if len(parts) == 1:
+        return parts[0]
+    return _unit(parts if parts[-1] != "__init__" or parts[0] not in SPLIT or len(parts) > 2 else parts[:1])
 
 
 def test_every_top_level_module_has_a_layer() -> None:
@@ -83,4 +106,4 @@ def test_the_checker_sees_imports() -> None:
     # guard against a checker that silently finds nothing: the package root imports lazily
     # from these three modules with relative imports
     found = _detkit_imports(PKG / "__init__.py")
-    assert {"predictor", "checkpoint", "config"} <= found
+    assert {"inference.predictor", "checkpoint", "config"} <= found

@@ -15,7 +15,7 @@ import torchvision
 from detkit import Predictor
 from detkit.errors import UsageError
 from detkit.export import ExportError
-from detkit.export.openvino import OpenVINODetector, openvino_available
+from detkit.inference.openvino import OpenVINODetector, openvino_available
 from detkit.machine import bf16_supported
 
 pytestmark = [pytest.mark.skipif(not openvino_available(), reason="OpenVINO is not installed (pip install openvino)"),

@@ -12,7 +12,7 @@ from detkit import Predictor
 from detkit.config import load_config
 from detkit.data.transforms import build_detection_transform
 from detkit.models.build import build_detector
-from detkit.speed import InferenceConv2d, bf16_supported
+from detkit.inference.optimize import InferenceConv2d, bf16_supported
 from tiny_configs import SMALL_MASK_RCNN
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py

@@ -1,4 +1,4 @@
-"""int8 (detkit.quantize, Predictor(precision="int8")): agreement with fp32, save -> reload, fallback, bad files."""
+"""int8 (detkit.inference.int8, Predictor(precision="int8")): agreement with fp32, save -> reload, fallback, bad files."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ pytest.importorskip("torchao.quantization.pt2e.quantize_pt2e",
 from detkit import Predictor  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
-from detkit.quantize import (  # noqa: E402
+from detkit.inference.int8 import (  # noqa: E402
     Int8Backbone, Int8BoxHead, Int8RPNHead, QuantizationError, int8_supported, load_quantized, size_buckets)
 from tiny_configs import SMALL_MASK_RCNN  # noqa: E402
 
@@ -194,7 +194,7 @@ def test_int8_rpn_head(files) -> None:
 
 def test_fallback_warns_once(files, monkeypatch, caplog) -> None:
     tmp, cfg_path, weights = files
-    monkeypatch.setattr("detkit.quantize.int8_supported", lambda device="cpu": False)
+    monkeypatch.setattr("detkit.inference.int8.int8_supported", lambda device="cpu": False)
     with caplog.at_level(logging.WARNING, logger="detkit"):
         pred = Predictor(cfg_path, weights=weights, precision="int8", quantized=tmp / "never-read")
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
@@ -229,7 +229,7 @@ def test_bad_quantized_files(files, tmp_path) -> None:
 
 def test_save_quantized_is_atomic(tmp_path, monkeypatch) -> None:
     """An interrupted save (here: torch.save fails half-way) leaves the previous calibration whole."""
-    from detkit.quantize import Int8State, save_quantized
+    from detkit.inference.int8 import Int8State, save_quantized
 
     first = Int8State({"obs.min": torch.tensor([-1.0]), "obs.max": torch.tensor([2.0])}, "abc", {"n": 1})
     save_quantized(first, tmp_path)

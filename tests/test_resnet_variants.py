@@ -26,7 +26,7 @@ from detkit.models.backbones import PadShortcut, build_cifar_resnet
 from detkit.models.backbones.resnet import BasicBlock, Bottleneck, build_resnet
 from detkit.models.build import build_detector
 from detkit.models.classifier import CIFAR_ARCHS
-from detkit.speed import optimize_for_inference
+from detkit.inference.optimize import optimize_for_inference
 from detkit.structures import Targets
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,5 +1,5 @@
 """The HTTP API of tools/serve.py (detkit.serve) through FastAPI's test client, with a tiny
-random-weight Mask R-CNN: predictions equal :class:`~detkit.predictor.Predictor` called directly,
+random-weight Mask R-CNN: predictions equal :class:`~detkit.inference.predictor.Predictor` called directly,
 every bad input gets its 4xx and a one-line JSON error (and the server keeps serving), decoding
 equals training's :func:`~detkit.data.images.read_image`, a full queue answers 503, concurrent
 requests are micro-batched without two batches overlapping; and tools/serve.py end to end."""

@@ -81,7 +81,7 @@ def _tiny_predictor(root: Path, class_names: list[str]) -> Any:
     masks cover most of their box."""
     from detkit.config import load_config
     from detkit.models.build import build_detector
-    from detkit.predictor import Predictor
+    from detkit.inference.predictor import Predictor
 
     cfg_path = root / "tiny_page.yaml"
     cfg_path.write_text(

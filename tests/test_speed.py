@@ -1,4 +1,4 @@
-"""detkit.speed: BN folding, prepacked fused layers, channels_last, bf16 with fp32 islands, fast RoIAlign.
+"""detkit.inference.optimize: BN folding, prepacked fused layers, channels_last, bf16 with fp32 islands, fast RoIAlign.
 
 Every optimized model is compared with the plain model it came from (or with torchvision's own
 RoIAlign), on tiny random models and images.
@@ -16,14 +16,14 @@ import torchvision
 import yaml
 from torch import nn
 
-import detkit.speed as speed
+import detkit.inference.optimize as speed
 from detkit import Predictor
 from detkit.config import DetectionConfig, load_config
 from detkit.layers import FrozenBatchNorm2d, fold_frozen_bn
 from detkit.models.backbones.resnet import build_resnet
 from detkit.models.build import build_detector
 from detkit.models.poolers import MultiScaleRoIAlign
-from detkit.speed import (
+from detkit.inference.optimize import (
     FastMultiScaleRoIAlign,
     InferenceConv2d,
     PackedLinear,

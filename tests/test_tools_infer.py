@@ -1,4 +1,4 @@
-"""detkit.infer (what tools/infer.py runs) on an image, a folder and a video, its input listing and
+"""detkit.inference.runner (what tools/infer.py runs) on an image, a folder and a video, its input listing and
 id resolution, draw_detections, and tools/infer.py end to end (subprocesses)."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from detkit.cli import run_cli
 from detkit.data.classes import ClassInfo
 from detkit.data.coco import DatasetError
 from detkit.errors import UsageError
-from detkit.infer import (
+from detkit.inference.runner import (
     InferOptions,
     confident,
     image_ids_for,
@@ -29,7 +29,7 @@ from detkit.infer import (
     resolve_category_ids,
     run_inference,
 )
-from detkit.predictor import Prediction
+from detkit.inference.predictor import Prediction
 from detkit.visualization import class_color, draw_detections
 
 pytestmark = pytest.mark.usefixtures("one_thread")

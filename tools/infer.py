@@ -6,7 +6,7 @@ the ``mp4v`` codec); ``--save-json`` also writes the detections as a COCO result
 (``image_id``, ``category_id``, ``bbox`` [x, y, w, h], ``score``, ``segmentation`` RLE), which
 pycocotools' ``COCO.loadRes`` / COCOeval read as is (``--coco-json`` gives the ground truth's
 image ids). Everything runs through :class:`detkit.Predictor`; the work is done by
-:mod:`detkit.infer`.
+:mod:`detkit.inference.runner`.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run inference as the command line says (errors: see :func:`detkit.cli.run_cli`)."""
     args = parse_args(argv)
-    from detkit.infer import InferOptions, run_inference  # after parsing: --help stays instant
+    from detkit.inference.runner import InferOptions, run_inference  # after parsing: --help stays instant
 
     run_inference(InferOptions(
         config=args.config, input=args.input, weights=args.weights, output=args.output,

@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from detkit import Predictor
     from detkit.config import load_detection_config
     from detkit.errors import UsageError
-    from detkit.quantize import Int8BoxHead, Int8RPNHead, calibration_images, int8_supported, resolve_int8, save_quantized
+    from detkit.inference.int8 import Int8BoxHead, Int8RPNHead, calibration_images, int8_supported, resolve_int8, save_quantized
 
     if not int8_supported("cpu"):
         raise UsageError(f"int8 is not available here ({resolve_int8('cpu')} would be used); see the warning")

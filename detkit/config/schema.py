@@ -280,7 +280,7 @@ class TrainConfig(_Strict):
 
 class TestConfig(_Strict):
     batch_size: int = 1
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"  # int8: Predictor only (detkit.quantize), CPUs with VNNI/AMX
+    precision: Literal["fp32", "bf16", "int8"] = "fp32"  # int8: Predictor only (detkit.inference.int8), CPUs with VNNI/AMX
     # int8 (post-training static quantization of the backbone + FPN, RPN head and box FCs): images of data.train
     # calibrated on, the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the
     # long-side steps of the padded input sizes compiled for (one static graph each, both orientations, on
@@ -295,7 +295,7 @@ class TestConfig(_Strict):
     @model_validator(mode="after")
     def _int8_runs_on_pytorch(self) -> "TestConfig":
         if self.precision == "int8" and self.runtime == "openvino":
-            raise ValueError("precision=int8 runs on the pytorch runtime (detkit.quantize); with runtime=openvino "
+            raise ValueError("precision=int8 runs on the pytorch runtime (detkit.inference.int8); with runtime=openvino "
                              "set precision to fp32 or bf16, or set runtime=pytorch")
         return self
 

@@ -42,7 +42,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name == "inference_on_dataset":  # imports the detector models: loaded on first use
-        from .inference import inference_on_dataset
+        from .evaluate import inference_on_dataset
 
         return inference_on_dataset
     raise AttributeError(f"module 'detkit.engine' has no attribute {name!r}")

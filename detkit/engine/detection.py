@@ -26,7 +26,7 @@ from ..evaluation.coco_eval import COCOEvaluator
 from ..fileio import write_json_atomic
 from ..models.build import build_detector
 from .distributed import barrier, batch_size_per_process, broadcast_buffers, get_world_size, is_main_process, unwrap_model
-from .inference import inference_on_dataset
+from .evaluate import inference_on_dataset
 
 __all__ = [
     "resolve_data_paths",

@@ -34,7 +34,7 @@ from .detection import (
 from .distributed import init_distributed, is_main_process, unwrap_model
 from .ema import ModelEMA
 from .hooks import EvalHook, EvalMetricsWriter, LRScheduler, MetricsWriter, ProgressBar, VisualizationHook
-from .inference import inference_on_dataset
+from .evaluate import inference_on_dataset
 from .launch import seed_everything, setup_output_dir
 from .lr_schedule import LRSchedule
 from .optim import build_sgd

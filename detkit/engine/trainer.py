@@ -108,7 +108,7 @@ def resolve_amp(amp: AmpMode, device: torch.device) -> AmpMode:
     AMX / Arm BF16), fp16 on older GPUs, otherwise none. An explicit ``"fp16"`` off CUDA and an
     explicit ``"bf16"`` on a CPU that would only emulate it fall back to ``"none"`` with a warning.
     """
-    from ..speed import bf16_supported
+    from ..inference.optimize import bf16_supported
 
     device = torch.device(device)
     if amp == "auto":

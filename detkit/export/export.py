@@ -87,7 +87,7 @@ def _unwrap(model: nn.Module) -> TwoStageDetector:
             f"export: expected a TwoStageDetector (detkit.models.build.build_detector) or ExportableDetector, "
             f"got {type(model).__name__}"
         )
-    fused = sorted({type(m).__name__ for m in model.modules() if type(m).__module__ == "detkit.speed"})
+    fused = sorted({type(m).__name__ for m in model.modules() if type(m).__module__ == "detkit.inference.optimize"})
     if fused:
         raise ExportError(
             f"export: the model holds speed-optimized modules ({', '.join(fused)}) whose fused oneDNN kernels cannot "

@@ -7,7 +7,7 @@ orders differently still pair up. The result is a :class:`VerificationReport` of
 :class:`BackendCheck` per backend and image.
 
 :func:`verification_images` makes the images ``tools/export.py --verify`` uses: the user's files
-resized like the :class:`~detkit.predictor.Predictor` does (or two generated scenes), plus a blank
+resized like the :class:`~detkit.inference.predictor.Predictor` does (or two generated scenes), plus a blank
 image of the model's mean color, which a trained model should find nothing in.
 """
 

@@ -3,7 +3,7 @@
 Each output bin is a bag of (pixel, weight) pairs reduced by ``F.embedding_bag`` over the
 ``[N*H*W, C]`` view of the features, so the work is vectorized over channels (torchvision's CPU
 kernel loops over scalars). Sample points and the bilinear rule are torchvision's. Used by
-:class:`detkit.speed.FastMultiScaleRoIAlign`; training uses :func:`detkit.ops.roi_align`.
+:class:`detkit.inference.optimize.FastMultiScaleRoIAlign`; training uses :func:`detkit.ops.roi_align`.
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ MAX_DECODES = 2
 
 
 def model_info(predictor: Any, opts: ServeOptions) -> dict[str, Any]:
-    """The body of ``GET /v1/model`` for a :class:`~detkit.predictor.Predictor` (or alike)."""
+    """The body of ``GET /v1/model`` for a :class:`~detkit.inference.predictor.Predictor` (or alike)."""
     cfg = predictor.cfg
     return {
         "meta_architecture": cfg.model.meta_architecture,
@@ -230,7 +230,7 @@ def create_app(predictor: Any, options: Optional[ServeOptions] = None) -> FastAP
     """A FastAPI app serving ``predictor``.
 
     Args:
-        predictor: a :class:`~detkit.predictor.Predictor` (or an object with its ``predict``,
+        predictor: a :class:`~detkit.inference.predictor.Predictor` (or an object with its ``predict``,
             ``class_names``, ``precision``, ``device`` and ``cfg``); only the batcher's worker
             thread calls ``predict``. For one forward pass per batch its ``cfg.test.batch_size``
             should be at least ``max_batch`` (:func:`~detkit.serve.settings.build_predictor` does that).

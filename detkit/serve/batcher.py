@@ -26,11 +26,11 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from ..predictor import Prediction
+from ..inference.predictor import Prediction
 
 __all__ = ["BatchResult", "MicroBatcher", "QueueFull", "ShuttingDown"]
 
-#: ``predict(images, masks=[flag per image]) -> predictions``, e.g. :meth:`detkit.predictor.Predictor.predict`
+#: ``predict(images, masks=[flag per image]) -> predictions``, e.g. :meth:`detkit.inference.predictor.Predictor.predict`
 PredictFn = Callable[..., list[Prediction]]
 
 
@@ -74,7 +74,7 @@ class MicroBatcher:
     """Feed ``predict(list_of_images) -> list_of_predictions`` from a bounded queue, in batches.
 
     Args:
-        predict: e.g. :meth:`detkit.predictor.Predictor.predict`; called from the worker thread only.
+        predict: e.g. :meth:`detkit.inference.predictor.Predictor.predict`; called from the worker thread only.
         max_batch: most images per call (1: no batching).
         max_wait_ms: a batch waits at most this long after its first image was submitted.
         queue_size: most images waiting in the queue (not counting the batch being predicted and the

@@ -2,7 +2,7 @@
 
 :class:`ServeOptions` holds every setting; :meth:`ServeOptions.validate` turns a bad value into a
 one-line :class:`~detkit.errors.UsageError` naming the flag; :func:`build_predictor` loads the
-config (with ``key=value`` overrides) and the weights into a :class:`~detkit.predictor.Predictor`
+config (with ``key=value`` overrides) and the weights into a :class:`~detkit.inference.predictor.Predictor`
 whose ``test.batch_size`` is ``max_batch``, so a micro-batch runs as ONE forward pass.
 """
 
@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ..config import load_detection_config
 from ..errors import UsageError
 from ..machine import resolve_device
-from ..predictor import PRECISIONS, Predictor
+from ..inference.predictor import PRECISIONS, Predictor
 
 __all__ = ["SERVE_MODULES", "ServeOptions", "build_predictor", "check_serve_extra", "parse_sizes"]
 

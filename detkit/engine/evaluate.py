@@ -48,16 +48,16 @@ def evaluation_model(model: nn.Module, precision: str, config: Optional[Detectio
     """A copy of ``model`` (eval mode, weights loaded) optimized as :class:`detkit.Predictor` runs it,
     and the autocast precision to run it under (always ``"fp32"``: the copy holds its own dtypes).
 
-    ``precision="int8"`` quantizes the copy (:func:`detkit.quantize.int8_model`) with the statistics of
+    ``precision="int8"`` quantizes the copy (:func:`detkit.inference.int8.int8_model`) with the statistics of
     ``config.test.int8_quantized`` or, when unset, calibrated on ``config.test.int8_calibration_images``
     images of ``config.data.train``: the AP int8 users get. Where int8 does not run (no VNNI/AMX-INT8,
     no torchao, not a CPU) it falls back, with one warning, to bf16 or fp32 as the Predictor does.
     """
-    from ..speed import optimize_for_inference
+    from ..inference.optimize import optimize_for_inference
 
     net = copy.deepcopy(model).eval()
     if precision == "int8":
-        from ..quantize import int8_model, resolve_int8
+        from ..inference.int8 import int8_model, resolve_int8
 
         device = next(net.parameters()).device
         precision = resolve_int8(device)

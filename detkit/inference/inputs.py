@@ -1,7 +1,7 @@
 """What ``tools/infer.py`` reads: the input (:func:`list_input`), the records' image and category ids
 (:func:`read_coco_json`, :func:`image_ids_for`, :func:`resolve_category_ids`), and the images
 themselves, optionally read ahead on a background thread (:func:`read_images`) so that decoding
-overlaps with inference. Used by :mod:`detkit.infer`; bad input raises a
+overlaps with inference. Used by :mod:`detkit.inference.runner`; bad input raises a
 :class:`~detkit.errors.DetkitError`, warnings (``warning: ...``) go to stderr.
 """
 
@@ -17,10 +17,10 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
-from .data.classes import ClassInfo
-from .data.coco import DatasetError
-from .data.images import IMAGE_EXTENSIONS, read_image
-from .errors import UsageError
+from ..data.classes import ClassInfo
+from ..data.coco import DatasetError
+from ..data.images import IMAGE_EXTENSIONS, read_image
+from ..errors import UsageError
 
 __all__ = [
     "VIDEO_EXTENSIONS", "InferInput", "CocoIndex", "CategoryIds", "ReadImage", "warn", "list_input",

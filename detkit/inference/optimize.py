@@ -38,14 +38,14 @@ from typing import Any, Callable, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from .layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
-from .layers.inference import Cast, InferenceConv2d, PackedLinear, onednn_conv_available
-from .machine import bf16_supported, cpu_flags, mkldnn_linear_available  # (re-exported: part of this API)
-from .models.backbones.resnet import BasicBlock, Bottleneck, Stem
-from .models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
-from .models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
-from .models.rpn import RPNHead
-from .ops.roi_align_nhwc import roi_align_nhwc, roi_align_nhwc_into
+from ..layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
+from .layers import Cast, InferenceConv2d, PackedLinear, onednn_conv_available
+from ..machine import bf16_supported, cpu_flags, mkldnn_linear_available  # (re-exported: part of this API)
+from ..models.backbones.resnet import BasicBlock, Bottleneck, Stem
+from ..models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
+from ..models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
+from ..models.rpn import RPNHead
+from ..ops.roi_align_nhwc import roi_align_nhwc, roi_align_nhwc_into
 
 __all__ = [
     "PRECISIONS", "bf16_supported", "resolve_precision", "mkldnn_linear_available", "optimize_for_inference",
@@ -64,7 +64,7 @@ def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") 
     """Validate ``precision``; ``"bf16"`` becomes ``"fp32"`` (with a warning) where it is not supported."""
     if precision == "int8":
         raise ValueError("precision 'int8' (config key test.precision) is for detkit.Predictor, tools/infer.py and "
-                         "tools/serve.py (the quantized backbone of detkit.quantize); use fp32 or bf16 here")
+                         "tools/serve.py (the quantized backbone of detkit.inference.int8); use fp32 or bf16 here")
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r} (config key test.precision)")
     if precision == "bf16" and not bf16_supported(device):

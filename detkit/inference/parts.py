@@ -13,7 +13,7 @@ folder holds the settings that decide the records (:func:`run_settings`); ``--re
 other settings (:func:`settings_difference`). When every process is done, rank 0 merges the
 parts into one COCO results list in input order (:func:`merge_parts`) and deletes the folder.
 
-Nothing here talks to other processes: :mod:`detkit.infer` decides who calls what.
+Nothing here talks to other processes: :mod:`detkit.inference.runner` decides who calls what.
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Mapping, Optional, Sequence
 
-from .errors import DetkitError, UsageError
-from .fileio import write_json_atomic
+from ..errors import DetkitError, UsageError
+from ..fileio import write_json_atomic
 
 __all__ = [
     "MANIFEST",

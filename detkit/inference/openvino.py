@@ -32,7 +32,7 @@ from torch import Tensor
 from ..errors import UsageError
 from ..models.detector import TwoStageDetector
 from ..structures import Detections
-from .export import ExportError, export_onnx, synthetic_scene
+from ..export.export import ExportError, export_onnx, synthetic_scene
 
 __all__ = ["OpenVINODetector", "openvino_available", "OPENVINO_PRECISIONS"]
 

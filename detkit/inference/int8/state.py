@@ -22,8 +22,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ..errors import DetkitError
-from ..fileio import atomic_write, write_text_atomic
+from ...errors import DetkitError
+from ...fileio import atomic_write, write_text_atomic
 
 #: /2: the RPN and box heads' statistics too; /1 (backbone + FPN only) files are refused with what to do
 FORMAT = "detkit-int8-observers/2"
@@ -56,9 +56,9 @@ class Int8State:
         meta: JSON-able facts (images, seconds, versions, ``rpn_head_input``: the dtype the RPN
             head graph was calibrated with) for the manifest.
         source: the file it was read from, or ``"calibration"``.
-        rpn_head: the same for the RPN head graph (:class:`~detkit.quantize.rpn_head.Int8RPNHead`);
+        rpn_head: the same for the RPN head graph (:class:`~detkit.inference.int8.rpn_head.Int8RPNHead`);
             empty when the model's head is not quantized.
-        box_head: the same for the box head graph (:class:`~detkit.quantize.box_head.Int8BoxHead`).
+        box_head: the same for the box head graph (:class:`~detkit.inference.int8.box_head.Int8BoxHead`).
     """
 
     observers: dict[str, Tensor]

@@ -1,4 +1,4 @@
-"""Inference-only layers of the fast CPU path (:func:`detkit.speed.optimize_for_inference`).
+"""Inference-only layers of the fast CPU path (:func:`detkit.inference.optimize.optimize_for_inference`).
 
 * :class:`InferenceConv2d`: a convolution (+ folded norm, + ReLU) with weights in a chosen dtype and
   memory format, so oneDNN runs channels-last kernels without reorders; optionally through oneDNN's
@@ -34,7 +34,7 @@ def check_device(module: nn.Module, x: Tensor) -> None:
     if x.device != module.device:
         raise RuntimeError(
             f"{type(module).__name__} was optimized for {module.device} but got an input on {x.device}; "
-            "move the model first, then call detkit.speed.optimize_for_inference"
+            "move the model first, then call detkit.inference.optimize.optimize_for_inference"
         )
 
 
@@ -49,7 +49,7 @@ class InferenceConv2d(nn.Module):
     (``torch.ops.mkldnn._convolution_pointwise``) with the weight prepacked once, at the first call, into
     the blocked layout oneDNN picks for that input shape, and with the ReLU and the residual add fused
     into the kernel as post-ops (no extra pass over the output). It pays where the weight reorder
-    is expensive (AMX tiles); :func:`detkit.speed.optimize_for_inference` chooses it from the CPU's
+    is expensive (AMX tiles); :func:`detkit.inference.optimize.optimize_for_inference` chooses it from the CPU's
     flags (``conv_kernel="auto"``). Results equal ``F.conv2d``'s up to float rounding.
     """
 

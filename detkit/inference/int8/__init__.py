@@ -13,7 +13,7 @@ converted and lowered by ``torch.compile`` (inductor with freezing) into oneDNN 
   graph with a dynamic RoI count (:mod:`.box_head`).
 
 The RPN's decoding and NMS, RoIAlign, the box predictor, the mask head and everything after run as
-:func:`detkit.speed.optimize_for_inference` makes them (bf16 where the CPU runs it natively, else
+:func:`detkit.inference.optimize.optimize_for_inference` makes them (bf16 where the CPU runs it natively, else
 fp32). Calibration statistics are saved and reloaded safely (:mod:`.state`).
 
 Layer 4 (beside speed, below the Predictor that imports it): imports config, machine, layers and data.
@@ -29,8 +29,8 @@ from typing import Any, Sequence, Union
 import torch
 from torch import nn
 
-from ..config import DetectionConfig
-from ..machine import bf16_supported, cpu_flags
+from ...config import DetectionConfig
+from ...machine import bf16_supported, cpu_flags
 from .backbone import Features, Int8Backbone, SizeBuckets, size_buckets
 from .graphs import as_tensor, export, observer_state, pad_to, prepare
 from . import box_head as _box, rpn_head as _rpn
@@ -74,9 +74,9 @@ def calibration_images(cfg: DetectionConfig, n: int, seed: int = 0) -> list:
     test-time transform: uint8 HxWx3 RGB at the size the Predictor feeds the model."""
     import numpy as np
 
-    from ..data.coco import load_coco
-    from ..data.images import read_image
-    from ..data.transforms import build_detection_transform
+    from ...data.coco import load_coco
+    from ...data.images import read_image
+    from ...data.transforms import build_detection_transform
 
     if n <= 0:
         raise QuantizationError(f"calibration needs at least one image, got n={n}")
@@ -169,7 +169,7 @@ def int8_model(model: nn.Module, cfg: DetectionConfig, quantized: Union[None, st
     images; default ``test.int8_calibration_images``). Returns the state and the precision the rest
     of the model should run in (``"bf16"`` where native, else ``"fp32"``).
     """
-    from ..layers import fold_frozen_bn
+    from ...layers import fold_frozen_bn
 
     fingerprint = weights_fingerprint(_int8_parts(model))
     fold_frozen_bn(model.backbone)

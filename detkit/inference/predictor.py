@@ -20,17 +20,17 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .checkpoint import load_initial_weights
-from .config import DetectionConfig, load_config
-from .data.classes import resolve_classes
-from .data.transforms import build_detection_transform
-from .models.build import build_detector
-from .models.detector import rescale_detections
-from .structures import Detections
-from .export import trace_size
-from .layers import fold_frozen_bn
-from .export.openvino import OpenVINODetector
-from .speed import optimize_for_inference, resolve_precision
+from ..checkpoint import load_initial_weights
+from ..config import DetectionConfig, load_config
+from ..data.classes import resolve_classes
+from ..data.transforms import build_detection_transform
+from ..models.build import build_detector
+from ..models.detector import rescale_detections
+from ..structures import Detections
+from ..export import trace_size
+from ..layers import fold_frozen_bn
+from .openvino import OpenVINODetector
+from .optimize import optimize_for_inference, resolve_precision
 
 __all__ = ["Predictor", "Prediction"]
 
@@ -97,23 +97,23 @@ class Predictor:
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         precision: ``"fp32"`` or ``"bf16"``; default ``test.precision`` of the config. bf16 stores
             weights and activations in bfloat16 with fp32 islands (RoIAlign coordinates, box
-            decoding, NMS, predictors) where :func:`detkit.speed.bf16_supported` says the device
+            decoding, NMS, predictors) where :func:`detkit.inference.optimize.bf16_supported` says the device
             runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); float32 otherwise, with a warning.
         fold_bn: fold frozen / eval-mode BatchNorms into the preceding convolutions after loading
             (same results up to float rounding); the state dict then no longer matches a training
             checkpoint.
-        optimize: run :func:`detkit.speed.optimize_for_inference` (folded BNs, channels_last, oneDNN
+        optimize: run :func:`detkit.inference.optimize.optimize_for_inference` (folded BNs, channels_last, oneDNN
             linear layers and a multi-threaded RoIAlign on CPU, bf16 weights for ``precision="bf16"``;
             fp32 results equal up to float rounding). False keeps the plain modules (bf16 then uses
             autocast; int8 needs True).
-        quantized: for ``precision="int8"`` (:mod:`detkit.quantize`: the backbone + FPN, RPN head and box FCs in int8, the
+        quantized: for ``precision="int8"`` (:mod:`detkit.inference.int8`: the backbone + FPN, RPN head and box FCs in int8, the
             rest in bf16 where native, else fp32; CPUs with VNNI or AMX-INT8, and torchao, else bf16 /
             fp32 with a warning): the folder ``tools/quantize.py`` or :meth:`save_quantized` wrote for
             these weights; default ``test.int8_quantized``; None: calibrate now.
         calibration: images to calibrate on (uint8 HxWx3 RGB at any size), or a number of
             ``data.train`` images; default ``test.int8_calibration_images``.
         runtime: ``"pytorch"``, or ``"openvino"``: the model exported to ONNX (:mod:`detkit.export`)
-            and compiled by OpenVINO for the CPU (:class:`~detkit.export.openvino.OpenVINODetector`,
+            and compiled by OpenVINO for the CPU (:class:`~detkit.inference.openvino.OpenVINODetector`,
             the ``[openvino]`` extra), fp32 or bf16; same resizing, mask pasting and outputs. Default
             ``test.runtime``.
 
@@ -121,7 +121,7 @@ class Predictor:
         cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
         classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids);
         class_names: name of each label; precision: ``"fp32"``, ``"bf16"`` or ``"int8"``, the one in use;
-        int8_state: the :class:`~detkit.quantize.Int8State` with int8, else None;
+        int8_state: the :class:`~detkit.inference.int8.Int8State` with int8, else None;
         transform: the test-time transform, built from ``cfg.input`` when the Predictor is made.
     """
 
@@ -182,11 +182,11 @@ class Predictor:
                          calibration: Union[None, int, Sequence[np.ndarray]]) -> None:
         """Optimize ``self.model`` for ``self.precision`` (int8: quantize its backbone first)."""
         if self.precision == "int8":
-            from .quantize import resolve_int8
+            from .int8 import resolve_int8
 
             self.precision = resolve_int8(self.device)
         if self.precision == "int8":
-            from .quantize import int8_model
+            from .int8 import int8_model
 
             if not optimize:
                 raise ValueError("Predictor: precision='int8' needs optimize=True")
@@ -203,10 +203,10 @@ class Predictor:
             fold_frozen_bn(self.model)
 
     def save_quantized(self, path: Union[str, os.PathLike]) -> None:
-        """Write the int8 calibration (:func:`detkit.quantize.save_quantized`) to the folder ``path``."""
+        """Write the int8 calibration (:func:`detkit.inference.int8.save_quantized`) to the folder ``path``."""
         if self.int8_state is None:
             raise ValueError(f"Predictor.save_quantized: precision is {self.precision!r}, not 'int8'")
-        from .quantize import save_quantized
+        from .int8 import save_quantized
 
         save_quantized(self.int8_state, path, {"buckets_compiled": sorted(self.model.backbone.compile_seconds)})
 

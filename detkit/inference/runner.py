@@ -1,15 +1,15 @@
-"""Run a :class:`~detkit.predictor.Predictor` on an image, a folder of images or a video: what
+"""Run a :class:`~detkit.inference.predictor.Predictor` on an image, a folder of images or a video: what
 ``tools/infer.py`` does.
 
 :func:`run_inference` lists the input and resolves the records' image and category ids (the
-helpers of :mod:`detkit.infer_io`, re-exported here), predicts, draws each image or frame into the
+helpers of :mod:`detkit.inference.inputs`, re-exported here), predicts, draws each image or frame into the
 output folder and writes the detections as a COCO results file (:func:`prediction_records`, one
 record per detection, via :func:`detkit.evaluation.detections_to_coco`). Images go to the model
 ``test.batch_size`` (``--batch-size``) at a time, read ahead on a thread; everything written per
 image is the same at any batch size. Progress lines go to stdout, warnings (``warning: ...``) to
 stderr; bad input raises a :class:`~detkit.errors.DetkitError`.
 
-With ``--save-json``, each finished image is appended to a part file (:mod:`detkit.infer_parts`),
+With ``--save-json``, each finished image is appended to a part file (:mod:`detkit.inference.parts`),
 which ``--resume`` continues; the results file is merged from the parts in input order. Under
 ``torchrun`` (``WORLD_SIZE`` > 1) each process joins the process group (Gloo on CPU; NCCL on the
 ``LOCAL_RANK`` GPU with ``--device cuda``), predicts and draws its share of the images not done yet,
@@ -29,13 +29,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import config_to_dict, load_detection_config
-from .data.images import read_image
-from .engine.distributed import all_gather_object, broadcast_object, get_local_rank, get_rank, init_distributed
-from .errors import DetkitError, UsageError
-from .evaluation import detections_to_coco
-from .fileio import write_json_atomic
-from .infer_io import (
+from ..config import config_to_dict, load_detection_config
+from ..data.images import read_image
+from ..engine.distributed import all_gather_object, broadcast_object, get_local_rank, get_rank, init_distributed
+from ..errors import DetkitError, UsageError
+from ..evaluation import detections_to_coco
+from ..fileio import write_json_atomic
+from .inputs import (
     VIDEO_EXTENSIONS,
     CategoryIds,
     CocoIndex,
@@ -47,8 +47,8 @@ from .infer_io import (
     read_images,
     resolve_category_ids,
 )
-from .infer_io import warn as _warn
-from .infer_parts import (
+from .inputs import warn as _warn
+from .parts import (
     PartsPlan,
     PartWriter,
     merge_parts,
@@ -59,9 +59,9 @@ from .infer_parts import (
     run_settings,
     shard_indices,
 )
-from .machine import resolve_device
+from ..machine import resolve_device
 from .predictor import Prediction, Predictor
-from .visualization import draw_detections
+from ..visualization import draw_detections
 
 __all__ = [
     "VIDEO_EXTENSIONS", "InferInput", "CocoIndex", "CategoryIds", "InferOptions", "list_input", "read_coco_json",
