@@ -255,7 +255,7 @@ def load_config(path: Union[str, os.PathLike], overrides: Optional[list[str]] = 
         overrides: ``key=value`` strings with dotted keys, e.g. ``["train.max_iters=100"]``.
 
     Returns:
-        a :class:`DetectionConfig` or :class:`ClassificationConfig`.
+        DetectionConfig or ClassificationConfig: the validated config.
 
     Raises:
         ConfigError: with a one-line message naming the file, key or value at fault.

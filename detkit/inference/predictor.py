@@ -95,7 +95,8 @@ class Predictor:
         weights: any :func:`detkit.load_weights` source (path, state dict); default
             ``model.weights`` of the config.
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        precision: ``"fp32"`` or ``"bf16"``; default ``test.precision`` of the config. bf16 stores
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see ``quantized``); default ``test.precision`` of
+            the config. bf16 stores
             weights and activations in bfloat16 with fp32 islands (RoIAlign coordinates, box
             decoding, NMS, predictors) where :func:`detkit.inference.optimize.bf16_supported` says the device
             runs it natively (AVX512-BF16/AMX CPUs, Ampere+ GPUs); float32 otherwise, with a warning.
@@ -118,10 +119,12 @@ class Predictor:
             ``test.runtime``.
 
     Attributes:
-        cfg: the config; model: the :class:`TwoStageDetector` (eval mode);
-        classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids);
-        class_names: name of each label; precision: ``"fp32"``, ``"bf16"`` or ``"int8"``, the one in use;
-        int8_state: the :class:`~detkit.inference.int8.Int8State` with int8, else None;
+        cfg: the config.
+        model: the :class:`TwoStageDetector` (eval mode).
+        classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids).
+        class_names: name of each label.
+        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``, the one in use.
+        int8_state: the :class:`~detkit.inference.int8.Int8State` with int8, else None.
         transform: the test-time transform, built from ``cfg.input`` when the Predictor is made.
     """
 
