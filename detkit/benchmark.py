@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .checkpoint import is_weights_name
 from .config import ConfigError, DetectionConfig
 from .data import read_image
 from .data.classes import ClassInfo, resolve_classes
@@ -132,8 +133,8 @@ def _check_options(cfg: DetectionConfig, opts: BenchmarkOptions) -> int:
     """Validate ``opts``; returns the training batch size (over all processes)."""
     if opts.iters < 1 or opts.warmup < 0:
         raise UsageError(f"--iters {opts.iters} / --warmup {opts.warmup}: use iters >= 1 and warmup >= 0")
-    if opts.weights is not None and not Path(opts.weights).is_file():
-        raise UsageError(f"--weights {opts.weights}: no such file")
+    if opts.weights is not None and not is_weights_name(opts.weights) and not Path(opts.weights).is_file():
+        raise UsageError(f"--weights {opts.weights}: no such file; pass a checkpoint or a name such as torchvision://...")
     if opts.precision not in PRECISIONS:
         raise UsageError(f"--precision {opts.precision}: use one of {', '.join(PRECISIONS)}")
     batch_size = cfg.train.batch_size if opts.batch_size is None else opts.batch_size

@@ -100,7 +100,9 @@ def arrays() -> "OrderedDict[str, np.ndarray]":
 @pytest.fixture(scope="module")
 def zoo_pkl(tmp_path_factory: pytest.TempPathFactory, arrays) -> Path:
     path = tmp_path_factory.mktemp("zoo") / "model_final_e9d89b.pkl"
-    legacy = dict(arrays, pixel_mean=np.zeros((3, 1, 1), np.float32), pixel_std=np.ones((3, 1, 1), np.float32))
+    # older zoo files also hold the input normalization they were trained with (Detectron2's BGR defaults)
+    legacy = dict(arrays, pixel_mean=np.array([103.53, 116.28, 123.675], np.float32).reshape(3, 1, 1),
+                  pixel_std=np.ones((3, 1, 1), np.float32))
     with open(path, "wb") as f:
         pickle.dump({"model": legacy, "__author__": "Detectron2 Model Zoo"}, f, protocol=4)
     return path

@@ -143,6 +143,23 @@ def test_clear_errors(tmp_path) -> None:
         Predictor(path)
 
 
+def test_input_format_bgr_takes_cv2_arrays(tmp_path) -> None:
+    """``input_format="BGR"``: the caller's BGR array (cv2.imread's) gives what its RGB twin gives by default."""
+    cfg_path, weights, _ = _write(tmp_path, bias=-5.0)
+    rgb = _image()
+    rgb[30:110, 40:150, 0] = 255  # colour matters: a red patch
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    ref = Predictor(cfg_path, weights=weights)(rgb)
+    got = Predictor(cfg_path, weights=weights, input_format="BGR")(bgr)
+    assert len(ref) > 0
+    np.testing.assert_array_equal(got.boxes, ref.boxes)
+    np.testing.assert_array_equal(got.masks, ref.masks)
+    wrong = Predictor(cfg_path, weights=weights)(bgr)  # the BGR array read as RGB: another input
+    assert len(wrong) != len(ref) or not np.array_equal(wrong.scores, ref.scores)
+    with pytest.raises(ValueError, match="input_format must be 'RGB' or 'BGR'"):
+        Predictor(cfg_path, weights=weights, input_format="bgr")
+
+
 def test_faster_rcnn_has_no_masks_and_batches(tmp_path) -> None:
     faster = {"model": {**SMALL_MASK_RCNN["model"], "meta_architecture": "faster_rcnn"}}
     cfg_path, weights, model = _write(tmp_path, bias=-5.0, extra=faster)

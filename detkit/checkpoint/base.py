@@ -7,6 +7,8 @@ from typing import Callable, Mapping, Optional
 
 from torch import Tensor
 
+from .conventions import InputConvention
+
 __all__ = ["ForeignFormat"]
 
 
@@ -25,6 +27,9 @@ class ForeignFormat:
         not_weights: ``key -> bool``; True for the format's entries that are settings, not weights
             (e.g. Detectron2's ``pixel_mean``): ``convert`` leaves them out and the load report
             lists them as ``ignored``. None: every entry is a weight.
+        convention: ``(state_dict, source) -> InputConvention | None``: the input normalization the
+            format's networks expect (torchvision's are all the same), or that the file states in its
+            settings (a Detectron2 file's ``pixel_mean``/``pixel_std``); None: the format does not say.
     """
 
     name: str
@@ -32,3 +37,4 @@ class ForeignFormat:
     convert: Callable[[Mapping[str, Tensor]], dict[str, Tensor]]
     projection_shortcuts: bool = True
     not_weights: Optional[Callable[[str], bool]] = None
+    convention: Optional[Callable[[Mapping[str, Tensor], str], Optional[InputConvention]]] = None

@@ -55,6 +55,7 @@ import torch
 from torch import Tensor
 
 from .base import ForeignFormat
+from .conventions import convention_from_file
 from .files import CheckpointError, PathLike
 
 __all__ = [
@@ -243,7 +244,8 @@ def read_detectron2_pkl(path: PathLike) -> dict[str, Any]:
     Raises:
         CheckpointError: one line naming the file and what to do, when it is missing or unreadable,
             needs any global outside :data:`ALLOWED_GLOBALS` (the message names the global), holds an
-            object-dtype array, or is not a Detectron2 zoo file (e.g. a Caffe2 ``blobs`` file).
+            object-dtype array, or is neither a Detectron2 zoo file nor a Caffe2 ``{"blobs": ...}`` file
+            (whose blobs are returned as ``"model"``, with ``"__author__": "Caffe2"``).
     """
     path = Path(path)
     if not path.is_file():
@@ -273,16 +275,17 @@ def read_detectron2_pkl(path: PathLike) -> dict[str, Any]:
             "{name: array}); use a Detectron2 zoo .pkl or a torch checkpoint"
         )
     model = data.get("model")
+    if not isinstance(model, Mapping) and isinstance(data.get("blobs"), Mapping):
+        # a Caffe2 / Detectron (v1) file, e.g. ImageNetPretrained/MSRA/R-50.pkl: its blobs are the weights
+        # (Caffe2 names, converted by detkit.checkpoint.caffe2)
+        model = data["blobs"]
+        data = {"model": model, "__author__": "Caffe2"}
     if not isinstance(model, Mapping):
         keys = [str(k) for k in list(data)[:6]]
-        if "blobs" in data:
-            what = "a Caffe2 / Detectron (v1) 'blobs' file"
-        else:
-            what = f"a pickle without 'model' (top-level keys: {keys})"
         raise CheckpointError(
-            f"{path} is {what}, not a Detectron2 model-zoo file ({{'model': {{name: array}}, '__author__': ...}}); "
-            "detkit reads Detectron2's own files: take the model from the Detectron2 model zoo, or load this file "
-            "in Detectron2 and save torch.save({'model': model.state_dict()}, 'model.pth')"
+            f"{path} is a pickle without 'model' or 'blobs' (top-level keys: {keys}), not a Detectron2 model-zoo "
+            "file ({'model': {name: array}, '__author__': ...}) or a Caffe2 ImageNet file ({'blobs': ...}); "
+            "load it where it was made and save torch.save({'model': model.state_dict()}, 'model.pth')"
         )
     out = dict(data)
     out["model"] = {k: _to_tensor(v) if isinstance(v, np.ndarray) else v for k, v in model.items()}
@@ -377,4 +380,5 @@ def _is_detectron2(state_dict: Mapping[str, Tensor]) -> bool:
 
 #: Detectron2 state dicts: model-zoo ``.pkl`` files (via :func:`read_detectron2_pkl`) and ``model_final.pth``
 DETECTRON2 = ForeignFormat("Detectron2", _is_detectron2, convert_detectron2,
-                           not_weights=lambda key: _NOT_WEIGHTS.match(key) is not None)
+                           not_weights=lambda key: _NOT_WEIGHTS.match(key) is not None,
+                           convention=convention_from_file)

@@ -18,6 +18,12 @@ and the log name:
   training (fine-tuning on new classes); for inference (eval, export, infer, :class:`Predictor`)
   random class layers would give silently wrong results, so there it is refused too;
 * **a classifier's ``fc`` dropped**: ImageNet weights loaded into a detector backbone.
+
+Every source may also be a name (:mod:`detkit.checkpoint.hub`: ``torchvision://...``, ``detectron2://...``,
+``http(s)://...``), downloaded once into the verified cache. After loading, the input convention the weights
+state (their format, the file's ``pixel_mean``/``pixel_std``, or the named source) is checked against the
+config (:func:`detkit.checkpoint.conventions.check_input_convention`): RGB against BGR, or another mean or std,
+is refused in one line before anything runs.
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ from typing import Any, Mapping, Optional, Union
 from torch import nn
 
 from ..config.schema import ClassificationConfig, DetectionConfig
+from .conventions import check_input_convention
 from .files import CheckpointError
+from .hub import WeightsName, fetch_weights, is_weights_name, parse_weights_name
 from .loading import load_weights
 from .report import LoadReport
 
@@ -91,9 +99,58 @@ def check_fit(report: LoadReport, model: nn.Module, key: str, training: bool) ->
     return "; ".join(notes)
 
 
-def _load(model: nn.Module, source: WeightsSource, key: str, training: bool) -> LoadReport:
-    report = load_weights(model, source)
+def _bare_torchvision_member(cfg: Union[DetectionConfig, ClassificationConfig], key: str) -> str | None:
+    """What a bare ``torchvision://`` names for ``key``: the ImageNet weights torchvision calls ``DEFAULT`` for the
+    backbone (or classifier) architecture, or the COCO weights of a ``configs/torchvision`` detector (ResNet-50
+    with torchvision's rounded anchors; v2 when its RPN head has two convs). None: no such file."""
+    from torchvision.models import get_model_weights
+
+    model = cfg.model
+    if key == "model.backbone.weights" or isinstance(cfg, ClassificationConfig):
+        arch = model.backbone.name if key == "model.backbone.weights" else model.arch
+        try:
+            return f"{get_model_weights(arch).__name__}.DEFAULT"
+        except ValueError:  # e.g. a CIFAR ResNet
+            return None
+    if model.backbone.name == "resnet50" and model.anchors.round_base and model.rpn.num_convs in (1, 2):
+        kind = "MaskRCNN" if model.meta_architecture == "mask_rcnn" else "FasterRCNN"
+        return f"{kind}_ResNet50_FPN{'_V2' if model.rpn.num_convs == 2 else ''}_Weights.COCO_V1"
+    return None
+
+
+def _resolve(source: WeightsSource, cfg: Union[DetectionConfig, ClassificationConfig],
+             key: str) -> tuple[WeightsSource, WeightsName | None]:
+    """A named source as its cached file (downloaded if needed) and its name record; others unchanged."""
+    if not is_weights_name(source):
+        return source, None
+    name = str(source)
+    default = _bare_torchvision_member(cfg, key) if name.rstrip("/") == "torchvision:" else None
+    wn = parse_weights_name(name, default)
+    return fetch_weights(wn), wn
+
+
+def _check_stride(wn: WeightsName | None, cfg: Union[DetectionConfig, ClassificationConfig], key: str) -> None:
+    """MSRA's Caffe2 ResNets stride in the 1x1 conv, FAIR's X-101 in the 3x3: a wrong choice fits every shape."""
+    backbone = getattr(cfg.model, "backbone", None)
+    if wn is None or wn.stride_in_1x1 is None or backbone is None or backbone.stride_in_1x1 == wn.stride_in_1x1:
+        return
+    raise CheckpointError(
+        f"{key}: {wn.name} was trained with the stride in the {'1x1' if wn.stride_in_1x1 else '3x3'} conv of each "
+        f"downsampling block, but the config has model.backbone.stride_in_1x1={str(backbone.stride_in_1x1).lower()}: "
+        f"set model.backbone.stride_in_1x1={str(wn.stride_in_1x1).lower()} (as configs/detectron2/ do)"
+    )
+
+
+def _load(model: nn.Module, source: WeightsSource, key: str, training: bool,
+          cfg: Union[DetectionConfig, ClassificationConfig]) -> LoadReport:
+    path, wn = _resolve(source, cfg, key)
+    report = load_weights(model, path)
     note = check_fit(report, model, key, training)
+    named = f"{wn.name} ({path})" if wn is not None else report.source
+    # what the named source is known to expect wins over what the file's format says
+    convention = wn.convention if wn is not None and wn.convention is not None else report.input_convention
+    check_input_convention(convention, cfg, key, named)
+    _check_stride(wn, cfg, key)
     logger.info("%s: %s%s", key, report.summary(), f"\n  expected partial fit: {note}" if note else "")
     return report
 
@@ -123,9 +180,9 @@ def load_initial_weights(
     reports: list[LoadReport] = []
     backbone_weights = getattr(getattr(cfg.model, "backbone", None), "weights", None)
     if weights is None and backbone_weights:
-        reports.append(_load(model.backbone.bottom_up, backbone_weights, "model.backbone.weights", training))
+        reports.append(_load(model.backbone.bottom_up, backbone_weights, "model.backbone.weights", training, cfg))
     if weights is not None:
-        reports.append(_load(model, weights, weights_key, training))
+        reports.append(_load(model, weights, weights_key, training, cfg))
     elif cfg.model.weights:
-        reports.append(_load(model, cfg.model.weights, "model.weights", training))
+        reports.append(_load(model, cfg.model.weights, "model.weights", training, cfg))
     return reports

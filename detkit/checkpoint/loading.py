@@ -24,6 +24,8 @@ from typing import Any, Mapping, Union
 from torch import Tensor, nn
 
 from . import detectron2 as d2
+from .caffe2 import CAFFE2
+from .conventions import InputConvention
 from . import torchvision as tv
 from .base import ForeignFormat
 from .files import CheckpointError, PathLike, load_checkpoint
@@ -34,7 +36,7 @@ __all__ = ["FOREIGN_FORMATS", "FMT_DETKIT", "load_weights", "compare_state_dict"
 FMT_DETKIT = "detkit"
 
 #: the foreign formats, tried in order; the first whose ``matches`` accepts the state dict converts it
-FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION_V2, tv.DETECTION, tv.CLASSIFICATION, d2.DETECTRON2)
+FOREIGN_FORMATS: tuple[ForeignFormat, ...] = (tv.DETECTION_V2, tv.DETECTION, tv.CLASSIFICATION, d2.DETECTRON2, CAFFE2)
 
 
 # --------------------------------------------------------------------------- format detection
@@ -57,7 +59,8 @@ def _ema_weights(obj: Mapping[str, Any]) -> Mapping[str, Any] | None:
 class _Converted:
     """What :func:`_detect_and_convert` found: the format's name, the foreign format (None for detkit's
     own), the detkit-named tensors, the non-tensor keys, the entries the format ignores (settings,
-    not weights) and which weights were used ("model" or "ema")."""
+    not weights), which weights were used ("model" or "ema") and the input convention that the format
+    or the file states (None: neither says)."""
 
     fmt: str
     foreign: ForeignFormat | None
@@ -65,6 +68,7 @@ class _Converted:
     non_tensor: list[str]
     ignored: list[str]
     used: str
+    convention: InputConvention | None = None
 
 
 def _detect_and_convert(obj: Mapping[str, Any], source: str, prefer_ema: bool = True) -> _Converted:
@@ -89,17 +93,19 @@ def _detect_and_convert(obj: Mapping[str, Any], source: str, prefer_ema: bool = 
     if all(k.startswith("module.") for k in tensors):  # saved from DDP
         tensors = {k[len("module."):]: v for k, v in tensors.items()}
 
-    fmt, used_format, ignored = FMT_DETKIT, None, []
+    fmt, used_format, ignored, convention = FMT_DETKIT, None, [], None
     for candidate in FOREIGN_FORMATS:
         if candidate.matches(tensors):
             fmt, used_format = candidate.name, candidate
             if candidate.not_weights is not None:
                 ignored = [k for k in tensors if candidate.not_weights(k)]
+            if candidate.convention is not None:
+                convention = candidate.convention(tensors, source)
             tensors = candidate.convert(tensors)
             break
     if wrapper:
         fmt = f"{fmt} ({wrapper})"
-    return _Converted(fmt, used_format, tensors, others, ignored, used)
+    return _Converted(fmt, used_format, tensors, others, ignored, used, convention)
 
 
 # --------------------------------------------------------------------------- prefix alignment
@@ -200,7 +206,8 @@ def load_weights(
     # first components of model keys under the aligned root: the modules the model has there
     roots = {k[len(pm):].split(".")[0] for k in model_shapes if k.startswith(pm)}
 
-    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm), weights=conv.used, ignored=conv.ignored)
+    report = LoadReport(source_format=fmt, source=name, prefix_map=(pc, pm), weights=conv.used, ignored=conv.ignored,
+                        input_convention=conv.convention)
     to_load: dict[str, Tensor] = {}
     taken: set[str] = set()
     leftovers: list[str] = []

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
+
+from .conventions import InputConvention
 
 __all__ = ["LoadReport"]
 
@@ -28,6 +30,8 @@ class LoadReport:
         prefix_map: ``(checkpoint prefix, model prefix)`` used to align keys.
         weights: which weights of the source were used: ``"model"``, or ``"ema"`` for the
             EMA weights of a detkit training checkpoint (also said in ``source_format``).
+        input_convention: the input normalization the source's format or the file itself states (torchvision's
+            files, a Detectron2 file's ``pixel_mean``/``pixel_std``); None when neither says.
     """
 
     source_format: str
@@ -40,6 +44,7 @@ class LoadReport:
     source: str = "<state dict>"
     prefix_map: tuple[str, str] = ("", "")
     weights: str = "model"
+    input_convention: Optional[InputConvention] = None
 
     @property
     def fits(self) -> bool:

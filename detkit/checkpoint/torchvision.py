@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from .base import ForeignFormat
+from .conventions import TORCHVISION, InputConvention
 
 __all__ = [
     "CLASSIFICATION",
@@ -190,13 +191,21 @@ def _is_detection_v2(state_dict: Mapping[str, Tensor]) -> bool:
         k.startswith(("backbone.fpn.inner_blocks.0.1.", "rpn.head.conv.1.")) for k in state_dict)
 
 
+def _torchvision_convention(state_dict: Mapping[str, Tensor], source: str) -> InputConvention:
+    """Every torchvision ResNet and detector was trained on RGB with ImageNet's mean and std."""
+    return TORCHVISION
+
+
 def _is_classification(state_dict: Mapping[str, Tensor]) -> bool:
     return "conv1.weight" in state_dict and any(k.startswith("layer1.") for k in state_dict)
 
 
 #: torchvision Faster / Mask R-CNN ResNet-FPN state dicts (v1 and v2 layouts)
-DETECTION = ForeignFormat("torchvision detection", _is_detection, convert_torchvision_detection)
+DETECTION = ForeignFormat("torchvision detection", _is_detection, convert_torchvision_detection,
+                          convention=_torchvision_convention)
 #: the same layout family, named apart so that a v1/v2 mix-up says which file it is
-DETECTION_V2 = ForeignFormat("torchvision detection v2", _is_detection_v2, convert_torchvision_detection)
+DETECTION_V2 = ForeignFormat("torchvision detection v2", _is_detection_v2, convert_torchvision_detection,
+                             convention=_torchvision_convention)
 #: torchvision ResNet / ResNeXt / Wide ResNet classification state dicts
-CLASSIFICATION = ForeignFormat("torchvision classification", _is_classification, convert_torchvision_resnet)
+CLASSIFICATION = ForeignFormat("torchvision classification", _is_classification, convert_torchvision_resnet,
+                               convention=_torchvision_convention)

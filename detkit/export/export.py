@@ -24,7 +24,7 @@ import torch
 import torchvision  # noqa: F401  (registers the ONNX symbolics of torchvision::nms / roi_align)
 from torch import Tensor, nn
 
-from ..checkpoint import load_initial_weights
+from ..checkpoint import is_weights_name, load_initial_weights
 from ..config.schema import DetectionConfig
 from ..data.classes import ClassInfo
 from ..errors import DetkitError, UsageError
@@ -274,7 +274,7 @@ def check_export_options(
     :class:`ExportError` when ``onnx`` (and, with ``verify``, ``onnxruntime``) is not installed
     for an ONNX export.
     """
-    if not Path(weights).is_file():
+    if not is_weights_name(weights) and not Path(weights).is_file():
         raise UsageError(f"--weights {weights}: no such file; pass a checkpoint such as runs/x/checkpoints/best.pth")
     if opset < MIN_OPSET:
         raise UsageError(f"--opset {opset}: RoIAlign needs opset >= {MIN_OPSET}; use --opset {DEFAULT_OPSET}")

@@ -4,7 +4,7 @@ Example::
 
     from detkit import Predictor
     predictor = Predictor("configs/torchvision/mask_rcnn_R_50_FPN.yaml", weights="maskrcnn.pth")
-    result = predictor(image_rgb_uint8)          # numpy HxWx3, RGB
+    result = predictor(image_rgb_uint8)          # numpy HxWx3, RGB (input_format="BGR" for cv2.imread arrays)
     for box, score, label in zip(result.boxes, result.scores, result.labels):
         print(predictor.class_names[label], score, box)
 """
@@ -61,23 +61,32 @@ class Prediction:
         return int(self.boxes.shape[0])
 
 
-def _check_image(image: Any, index: Optional[int] = None) -> np.ndarray:
+INPUT_FORMATS = ("RGB", "BGR")
+
+
+def _check_image(image: Any, index: Optional[int] = None, input_format: str = "RGB") -> np.ndarray:
+    """``image`` as the RGB uint8 HxWx3 array the model pipeline takes (channels reversed for ``"BGR"``)."""
     where = "image" if index is None else f"image {index}"
     if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
         desc = (
             f"dtype={image.dtype} shape={tuple(image.shape)}" if isinstance(image, np.ndarray) else type(image).__name__
         )
         raise ValueError(
-            f"Predictor: {where} must be a uint8 HxWx3 RGB numpy array, got {desc}; convert it first "
-            "(e.g. cv2.cvtColor(img, cv2.COLOR_BGR2RGB), or (img * 255).astype(np.uint8))"
+            f"Predictor: {where} must be a uint8 HxWx3 {input_format} numpy array, got {desc}; convert it first "
+            "(e.g. (img * 255).astype(np.uint8))"
         )
     if image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"Predictor: {where} is empty (shape {tuple(image.shape)})")
-    return image
+    return np.ascontiguousarray(image[..., ::-1]) if input_format == "BGR" else image
 
 
 class Predictor:
-    """Load a detector from a config (and weights) and run it on RGB numpy images.
+    """Load a detector from a config (and weights) and run it on RGB (or, with ``input_format="BGR"``, BGR) numpy images.
+
+    The images given are RGB by default, as PIL, imageio and :func:`detkit.data.read_image` return them.
+    People coming from Detectron2, whose ``DefaultPredictor`` takes ``cv2.imread`` arrays, pass
+    ``input_format="BGR"``. Either way the model gets what its config asks for (``model.input_format``:
+    a Detectron2 zoo model still sees BGR), so this argument only says what the caller holds.
 
     Images go through the evaluation pipeline's test-time transform
     (:func:`detkit.data.transforms.build_detection_transform` with ``is_train=False``: short side
@@ -92,8 +101,9 @@ class Predictor:
 
     Args:
         config: path of a YAML config, or a loaded :class:`DetectionConfig`.
-        weights: any :func:`detkit.load_weights` source (path, state dict); default
-            ``model.weights`` of the config.
+        weights: any :func:`detkit.load_weights` source (path, state dict), or a name
+            (``torchvision://...``, ``detectron2://...``, ``https://...``: :mod:`detkit.checkpoint.hub`,
+            downloaded once into the verified cache); default ``model.weights`` of the config.
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
         precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see ``quantized``); default ``test.precision`` of
             the config. bf16 stores
@@ -111,12 +121,14 @@ class Predictor:
             rest in bf16 where native, else fp32; CPUs with VNNI or AMX-INT8, and torchao, else bf16 /
             fp32 with a warning): the folder ``tools/quantize.py`` or :meth:`save_quantized` wrote for
             these weights; default ``test.int8_quantized``; None: calibrate now.
-        calibration: images to calibrate on (uint8 HxWx3 RGB at any size), or a number of
+        calibration: images to calibrate on (uint8 HxWx3 in ``input_format`` order, any size), or a number of
             ``data.train`` images; default ``test.int8_calibration_images``.
         runtime: ``"pytorch"``, or ``"openvino"``: the model exported to ONNX (:mod:`detkit.export`)
             and compiled by OpenVINO for the CPU (:class:`~detkit.inference.openvino.OpenVINODetector`,
             the ``[openvino]`` extra), fp32 or bf16; same resizing, mask pasting and outputs. Default
             ``test.runtime``.
+        input_format: ``"RGB"`` (default) or ``"BGR"``: the channel order of the images passed to
+            :meth:`__call__`, :meth:`predict` and ``calibration``.
 
     Attributes:
         cfg: the config.
@@ -139,7 +151,12 @@ class Predictor:
         quantized: Union[None, str, os.PathLike] = None,
         calibration: Union[None, int, Sequence[np.ndarray]] = None,
         runtime: Optional[str] = None,
+        input_format: str = "RGB",
     ) -> None:
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"Predictor: input_format must be 'RGB' or 'BGR' (the channel order of the images you "
+                             f"pass), got {input_format!r}")
+        self.input_format = input_format
         if precision is not None and precision not in PRECISIONS:
             raise ValueError(f"Predictor: precision must be one of {PRECISIONS}, got {precision!r}")
         if runtime is not None and runtime not in RUNTIMES:
@@ -194,7 +211,7 @@ class Predictor:
             if not optimize:
                 raise ValueError("Predictor: precision='int8' needs optimize=True")
             calibration = calibration if calibration is None or isinstance(calibration, int) else \
-                [self.transform(_check_image(im, i)).image for i, im in enumerate(calibration)]
+                [self.transform(_check_image(im, i, self.input_format)).image for i, im in enumerate(calibration)]
             self.int8_state, rest = int8_model(self.model, self.cfg, quantized or self.cfg.test.int8_quantized,
                                                calibration)
             optimize_for_inference(self.model, rest, fold_bn=fold_bn)
@@ -219,11 +236,12 @@ class Predictor:
         return contextlib.nullcontext()
 
     def __call__(self, image: np.ndarray, masks: bool = True) -> Prediction:
-        """Detect objects in one uint8 HxWx3 RGB image (``masks``: as in :meth:`predict`)."""
-        return self.predict([_check_image(image)], masks=masks)[0]
+        """Detect objects in one uint8 HxWx3 image, RGB unless ``input_format="BGR"`` (``masks``: as in
+        :meth:`predict`)."""
+        return self.predict([image], masks=masks)[0]
 
     def predict(self, images: Sequence[np.ndarray], masks: Union[bool, Sequence[bool]] = True) -> list[Prediction]:
-        """Detect objects in a list of uint8 HxWx3 RGB images.
+        """Detect objects in a list of uint8 HxWx3 images, RGB unless ``input_format="BGR"``.
 
         Up to ``test.batch_size`` images go through the model per call, grouped by their size after
         resizing: a batch only holds images of one size, so no image is padded for another one and
@@ -236,7 +254,7 @@ class Predictor:
         """
         if isinstance(images, np.ndarray) and images.ndim == 3:
             raise ValueError("Predictor.predict: expects a list of images; use predictor(image) for one image")
-        images = [_check_image(im, i) for i, im in enumerate(images)]
+        images = [_check_image(im, i, self.input_format) for i, im in enumerate(images)]
         want_masks = [bool(masks)] * len(images) if isinstance(masks, (bool, np.bool_)) else [bool(m) for m in masks]
         if len(want_masks) != len(images):
             raise ValueError(f"Predictor.predict: masks has {len(want_masks)} flags for {len(images)} images")

@@ -29,6 +29,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from ..checkpoint import is_weights_name
 from ..config import config_to_dict, load_detection_config
 from ..data.images import read_image
 from ..engine.distributed import all_gather_object, broadcast_object, get_local_rank, get_rank, init_distributed
@@ -115,7 +116,7 @@ def build_predictor(config: str, overrides: Sequence[str], weights: Optional[str
                     precision: str) -> Predictor:
     """Load ``config`` (with ``key=value`` overrides) and build a :class:`Predictor` on ``device``."""
     cfg = load_detection_config(config, overrides, tool="infer.py")
-    if weights is not None and not Path(weights).is_file():
+    if weights is not None and not is_weights_name(weights) and not Path(weights).is_file():
         raise UsageError(f"--weights {weights}: no such file; pass a checkpoint such as runs/x/checkpoints/best.pth")
     resolve_device(device)
     return Predictor(cfg, weights=weights, device=device, precision=precision)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ..checkpoint import is_weights_name
 from ..config import load_detection_config
 from ..errors import UsageError
 from ..machine import resolve_device
@@ -103,7 +104,7 @@ def build_predictor(opts: ServeOptions) -> Predictor:
         raise UsageError("--config is required: pass the YAML config of the model (e.g. runs/mine/config.yaml)")
     overrides = [*opts.overrides, f"test.batch_size={opts.max_batch}"]
     cfg = load_detection_config(opts.config, overrides, tool="serve.py")
-    if opts.weights is not None and not Path(opts.weights).is_file():
+    if opts.weights is not None and not is_weights_name(opts.weights) and not Path(opts.weights).is_file():
         raise UsageError(f"--weights {opts.weights}: no such file; pass a checkpoint such as "
                          "runs/x/checkpoints/best.pth")
     resolve_device(opts.device)
