@@ -1,30 +1,41 @@
 """tests/shared_data.py: DETKIT_COCO128 moves the shared data; a test that needs it skips without it,
-and under CI that skip is a failure (conftest.py)."""
+and under CI that skip is a failure (conftest.py).
+
+The two runs are pytest sessions in this process (``pytester``), on a test file written here that asks for
+the data, with this suite's own conftest.py.
+"""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
+
+import pytest
 
 from shared_data import ENV, SKIP_REASON, coco128_root
 
+pytest_plugins = ["pytester"]
+
 ROOT = Path(__file__).resolve().parents[1]
-TEST = "tests/test_evaluation.py::test_coco128_perfect_predictions"
+NEEDS_DATA = """
+from shared_data import require_coco128
+
+def test_needs_the_data():
+    assert (require_coco128() / "annotations.json").is_file()
+"""
 
 
-def _pytest(env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", TEST], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
-
-
-def test_env_override_and_ci_turns_the_skip_into_a_failure(tmp_path: Path, monkeypatch) -> None:
+def test_env_override_and_ci_turns_the_skip_into_a_failure(pytester: pytest.Pytester, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(ENV, str(tmp_path))
     assert coco128_root() == tmp_path
-    env = {k: v for k, v in os.environ.items() if k != "CI"}
-    env[ENV] = str(tmp_path / "absent")
-    local = _pytest(env)
-    assert local.returncode == 0 and "1 skipped" in local.stdout and SKIP_REASON in local.stdout, local.stdout
-    ci = _pytest({**env, "CI": "true"})
-    assert ci.returncode == 1 and "1 failed" in ci.stdout and "skipped in CI" in ci.stdout, ci.stdout
+    pytester.makeconftest((ROOT / "tests" / "conftest.py").read_text())
+    pytester.makepyfile(test_needs_data=NEEDS_DATA)
+    monkeypatch.setenv(ENV, str(tmp_path / "absent"))
+    monkeypatch.delenv("CI", raising=False)
+    local = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs")
+    local.assert_outcomes(skipped=1)
+    assert SKIP_REASON in local.stdout.str()
+    monkeypatch.setenv("CI", "true")
+    ci = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    ci.assert_outcomes(failed=1)
+    assert "skipped in CI" in ci.stdout.str()
