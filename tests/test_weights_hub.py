@@ -168,6 +168,19 @@ def test_good_file_is_downloaded_once_then_cached(server: tuple[str, _Files]) ->
     assert _leftovers(cache_dir()) == []
 
 
+def test_load_weights_takes_a_url(server: tuple[str, _Files], tmp_path: Path) -> None:
+    import detkit
+
+    net = torch.nn.Linear(3, 2)
+    torch.save(net.state_dict(), tmp_path / "lin.pth")
+    body = (tmp_path / "lin.pth").read_bytes()
+    path = f"/models/{_named(body, 'linear')}"
+    server[1].files[path] = body
+    fresh = torch.nn.Linear(3, 2)
+    report = detkit.load_weights(fresh, server[0] + path)
+    assert report.fits and torch.equal(fresh.weight, net.weight)
+
+
 def test_corrupt_file_is_refused_and_not_kept(server: tuple[str, _Files]) -> None:
     base, files = server
     body = os.urandom(1 << 16)

@@ -29,6 +29,7 @@ from .conventions import InputConvention
 from . import torchvision as tv
 from .base import ForeignFormat
 from .files import CheckpointError, PathLike, load_checkpoint
+from .hub import fetch_weights, is_weights_name, parse_weights_name
 from .report import LoadReport
 
 __all__ = ["FOREIGN_FORMATS", "FMT_DETKIT", "load_weights", "compare_state_dict"]
@@ -178,7 +179,10 @@ def load_weights(
 
     ``source`` may be a detkit training checkpoint (``{"model": sd, ...}``), a detkit
     state dict, a torchvision classification / detection state dict (also inside
-    ``{"model": ...}``), a Detectron2 model-zoo ``.pkl`` or a Detectron2 ``model_final.pth``.
+    ``{"model": ...}``), a Detectron2 model-zoo ``.pkl``, a Detectron2 ``model_final.pth``, a Caffe2 ImageNet
+    ResNet (Detectron2's MSRA ``R-50.pkl``), or a name of one (``torchvision://<Enum>.<member>``,
+    ``detectron2://<path>``, ``https://...``: :func:`detkit.checkpoint.hub.fetch_weights`). The input
+    convention is checked by :func:`load_initial_weights`, which has the config; here it is only reported.
     A detkit training checkpoint of a run with EMA (``"ema": {"model": sd, ...}``) gives
     its EMA weights, which are what the run evaluated and scored, unless
     ``prefer_ema=False``; ``report.weights`` and ``report.source_format`` say which were used
@@ -192,6 +196,8 @@ def load_weights(
     if isinstance(source, Mapping):
         name, obj = "<state dict>", source
     else:
+        if is_weights_name(source):  # torchvision://..., detectron2://..., https://...: the cached file
+            source = fetch_weights(parse_weights_name(str(source)))
         name = str(source)
         # a Detectron2 zoo .pkl: restricted unpickling, its "model" dict; else a torch file (weights_only)
         obj = d2.read_detectron2_pkl(source)["model"] if d2.is_pickle_file(source) else load_checkpoint(source)
