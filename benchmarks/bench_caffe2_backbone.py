@@ -13,7 +13,8 @@ Without ``--pkl`` the file is written here, with random weights and Caffe2's blo
 and the ImageNet classifier included), so that no download is needed; with ``--pkl`` it is the real file::
 
     python benchmarks/bench_caffe2_backbone.py                       # a random R-50 file, written here
-    python benchmarks/bench_caffe2_backbone.py --pkl ~/.cache/detkit/weights/dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl
+    python benchmarks/bench_caffe2_backbone.py --pkl \
+        ~/.cache/detkit/weights/dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/MSRA/R-50.pkl
 
 Detectron2 is not on PyPI: build it into its own environment (see docs/parity.md) and run this there.
 """

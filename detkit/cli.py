@@ -47,7 +47,8 @@ def default_argument_parser(description: Optional[str], weights: bool = False, r
     if resume:
         p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last.pth")
     if weights:
-        p.add_argument("--weights", required=True, help="checkpoint or weights file to evaluate")
+        p.add_argument("--weights", required=True, help="checkpoint or weights file to evaluate, or a name: "
+                       "torchvision://..., detectron2://..., https://...")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. train.max_iters=100")
     return p
 

@@ -116,7 +116,8 @@ def test_msra_name_loads_into_detectron2_configs(msra_file, tmp_path: Path, monk
     assert model.backbone.bottom_up.res3[0].conv1.stride == (2, 2)  # stride_in_1x1, as MSRA trained it
 
 
-def test_msra_weights_into_an_rgb_config_are_refused(msra_file, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_msra_weights_into_an_rgb_config_are_refused(msra_file, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     _place_in_cache(MSRA_NAME, msra_file[0], tmp_path, monkeypatch)
     cfg = load_config(COCO_MASK, [f"model.backbone.weights={MSRA_NAME}", "model.backbone.stride_in_1x1=true"])
     with pytest.raises(CheckpointError) as e:

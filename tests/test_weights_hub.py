@@ -113,11 +113,13 @@ def test_names_resolve_to_urls_without_network() -> None:
     assert d2.url == DETECTRON2_ZOO_PREFIX + "ImageNetPretrained/MSRA/R-50.pkl"
     assert d2.sha256_prefix is None  # "-50." is a depth, not a hash
     assert d2.convention is not None and d2.convention.channels == "BGR" and d2.stride_in_1x1 is True
-    zoo = parse_weights_name("detectron2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/model_final_f10217.pkl")
+    zoo = parse_weights_name("detectron2://COCO-InstanceSegmentation/mask_rcnn_R_50_FPN_3x/137849600/"
+                             "model_final_f10217.pkl")
     assert zoo.convention is None  # the zoo file states its own pixel_mean / pixel_std
 
     assert is_weights_name("https://x/y.pth") and is_weights_name("torchvision://") and not is_weights_name("a/b.pth")
-    assert cached_path("https://example.org/a/b/c-0123abcd.pth") == cache_dir() / "example.org" / "a" / "b" / "c-0123abcd.pth"
+    expected = cache_dir() / "example.org" / "a" / "b" / "c-0123abcd.pth"
+    assert cached_path("https://example.org/a/b/c-0123abcd.pth") == expected
 
 
 @pytest.mark.parametrize("name, says", [

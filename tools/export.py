@@ -66,7 +66,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML config of the model (e.g. runs/mine/config.yaml)")
-    p.add_argument("--weights", required=True, help="checkpoint or state dict to export (any load_weights format)")
+    p.add_argument("--weights", required=True, help="checkpoint to export (any load_weights format), or a name: "
+                   "torchvision://..., detectron2://..., https://...")
     p.add_argument("--format", choices=sorted(FORMATS), default="both", help="what to write (default: both)")
     p.add_argument("--output", required=True, help="folder for model.ts / model.onnx / export.json")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset, >= 16 (default: {DEFAULT_OPSET})")

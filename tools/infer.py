@@ -75,7 +75,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML config of the model (e.g. runs/mine/config.yaml)")
-    p.add_argument("--weights", default=None, help="checkpoint or state dict (default: the config's model.weights)")
+    p.add_argument("--weights", default=None, help="checkpoint file, or a name: torchvision://..., detectron2://..., "
+                   "https://... (default: the config's model.weights)")
     p.add_argument("--input", required=True, help="an image file, a folder of images, or a video file")
     p.add_argument("--output", default=None, help="folder for the drawn images / video (default: none written)")
     p.add_argument("--score-thresh", type=float, default=0.5, help="keep detections scoring at least this")

@@ -53,7 +53,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", required=True, help="YAML config of the model (e.g. runs/mine/config.yaml)")
-    p.add_argument("--weights", default=None, help="checkpoint or state dict (default: the config's model.weights)")
+    p.add_argument("--weights", default=None, help="checkpoint file, or a name: torchvision://..., detectron2://..., "
+                   "https://... (default: the config's model.weights)")
     p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
                    help="inference precision (default: the config's test.precision)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")

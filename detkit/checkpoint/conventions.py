@@ -58,7 +58,8 @@ class InputConvention:
         return f"{order}mean [{mean}], std [{', '.join(f'{v:g}' for v in self.std)}] (0-255 scale)"
 
 
-TORCHVISION = InputConvention("RGB", _IMAGENET_MEAN_RGB, (58.395, 57.12, 57.375), "torchvision's ImageNet normalization")
+TORCHVISION = InputConvention("RGB", _IMAGENET_MEAN_RGB, (58.395, 57.12, 57.375),
+                              "torchvision's ImageNet normalization")
 MSRA = InputConvention("BGR", _IMAGENET_MEAN_RGB[::-1], (1.0, 1.0, 1.0),
                        "Detectron2's MSRA ImageNet models (Caffe2: BGR, 0-255, mean subtracted only)")
 FAIR_X101 = InputConvention("BGR", _IMAGENET_MEAN_RGB[::-1], (57.375, 57.12, 58.395),
@@ -85,7 +86,8 @@ def convention_from_file(settings: Mapping[str, Any], source: str) -> Optional[I
     if len(mean) != 3 or len(std) != 3:
         return None
     channels = "RGB" if _close(mean, _IMAGENET_MEAN_RGB) else "BGR" if _close(mean, _IMAGENET_MEAN_RGB[::-1]) else None
-    return InputConvention(channels, mean, std, f"the pixel_mean/pixel_std stored in {source}")  # type: ignore[arg-type]
+    return InputConvention(channels, mean, std,  # type: ignore[arg-type]
+                           f"the pixel_mean/pixel_std stored in {source}")
 
 
 def _flat(value: Any) -> list[float]:

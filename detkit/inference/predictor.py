@@ -81,7 +81,7 @@ def _check_image(image: Any, index: Optional[int] = None, input_format: str = "R
 
 
 class Predictor:
-    """Load a detector from a config (and weights) and run it on RGB (or, with ``input_format="BGR"``, BGR) numpy images.
+    """Load a detector from a config (and weights) and run it on numpy images, RGB or (``input_format="BGR"``) BGR.
 
     The images given are RGB by default, as PIL, imageio and :func:`detkit.data.read_image` return them.
     People coming from Detectron2, whose ``DefaultPredictor`` takes ``cv2.imread`` arrays, pass
