@@ -31,8 +31,8 @@ scores 0 AP, and the table counts it under "diverged" with the iteration it stop
 
     python benchmarks/bench_recipe_vs_torchvision.py                       # defaults: 3 seeds, 3 modes
     python benchmarks/bench_recipe_vs_torchvision.py --dataset shapes      # the shapes set
-    python benchmarks/bench_recipe_vs_torchvision.py --dataset shapes --modes detkit_fp32 --tag aligned \
-        --detkit-overrides model.roi_heads.mask_head.target_aligned=true model.mask_paste=detectron2
+    python benchmarks/bench_recipe_vs_torchvision.py --dataset shapes --modes detkit_fp32 --tag unaligned \
+        --detkit-overrides model.roi_heads.mask_head.target_aligned=false model.mask_paste=torchvision
     python benchmarks/bench_recipe_vs_torchvision.py --dataset shapes --summary   # every arm run so far
     python benchmarks/bench_recipe_vs_torchvision.py --iters 300 --seeds 0 --modes detkit_fp32 \\
         --detkit-overrides model.rpn.post_nms_topk_train=2000 --tag post2000   # one ablation arm

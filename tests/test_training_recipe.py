@@ -75,6 +75,24 @@ def test_coco_config_keeps_1000_proposals_per_image_in_training() -> None:
     assert len(proposals[0]) > 1000
 
 
+@pytest.mark.parametrize("config, aligned, paste", [
+    ("coco/mask_rcnn_R_50_FPN_1x.yaml", True, "detectron2"),
+    ("coco/mask_rcnn_R_18_FPN_1x.yaml", True, "detectron2"),
+    ("coco/cascade_mask_rcnn_R_50_FPN_1x.yaml", True, "detectron2"),
+    ("demo/shapes_mask_rcnn_R_18_FPN.yaml", True, "detectron2"),
+    ("detectron2/mask_rcnn_R_50_FPN_3x.yaml", True, "detectron2"),
+    ("torchvision/mask_rcnn_R_50_FPN.yaml", False, "torchvision"),
+    ("torchvision/mask_rcnn_R_50_FPN_v2.yaml", False, "torchvision"),
+])
+def test_mask_targets_and_paste_share_one_frame(config: str, aligned: bool, paste: str) -> None:
+    """detkit's and Detectron2's Mask R-CNN configs crop mask targets in the aligned pooler's frame and paste in
+    it (shapes set, 3 seeds: segm AP +2.2, AP75 +3.3; docs/recipe.md); torchvision's keep torchvision's frame,
+    so its weights give its masks."""
+    cfg = load_config(str(ROOT / "configs" / config))  # the head takes the key: tests/test_mask_head.py
+    assert cfg.model.roi_heads.mask_head.target_aligned is aligned and cfg.model.mask_paste == paste
+    assert cfg.model.roi_heads.mask_head.pooler_aligned is aligned  # the frame the features are pooled in
+
+
 def test_bf16_autocast_keeps_boxes_targets_and_losses_fp32() -> None:
     cfg = load_config(str(COCO_R18), ["model.backbone.norm=BN", "model.backbone.freeze_at=0", "model.fpn.out_channels=64",
                                       "model.roi_heads.box_head.fc_dim=128", "model.roi_heads.mask_head.conv_dim=64"])
