@@ -146,10 +146,14 @@ def _check_options(cfg: DetectionConfig, opts: BenchmarkOptions) -> int:
 def missing_data(cfg: DetectionConfig, split: str) -> Optional[str]:
     """``"data.<split>.annotations PATH"`` (or ``.images``) when that configured path does not exist, else None."""
     sc = getattr(cfg.data, split)
-    if sc.annotations and not Path(sc.annotations).is_file():
-        return f"data.{split}.annotations {sc.annotations}"
-    if sc.annotations and sc.images and not Path(sc.images).is_dir():
-        return f"data.{split}.images {sc.images}"
+    files = [sc.annotations] if isinstance(sc.annotations, str) else list(sc.annotations or [])
+    folders = [sc.images] if isinstance(sc.images, str) else list(sc.images or [])
+    for f in files:
+        if not Path(f).is_file():
+            return f"data.{split}.annotations {f}"
+    for d in folders if files else []:
+        if not Path(d).is_dir():
+            return f"data.{split}.images {d}"
     return None
 
 

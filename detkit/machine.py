@@ -28,7 +28,7 @@ __all__ = [
     "MATMUL_FLAGS", "SPEED_FLAGS", "MachineInfo", "GpuInfo", "cpu_model_name", "cpu_flags", "cpu_speed_flags",
     "usable_cpu_count", "physical_core_count", "cpu_capability", "mkldnn_linear_available", "cpu_bf16_native",
     "bf16_supported",
-    "torchvision_version", "gpu_info", "machine_info", "keep_freed_memory",
+    "torchvision_version", "gpu_info", "machine_info", "keep_freed_memory", "release_freed_memory",
 ]
 
 #: flags of fast bf16 / int8 matrix instructions (AVX512-BF16, AMX, VNNI)
@@ -262,3 +262,23 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success (0 for a value out of range); the trim threshold: the largest int
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def release_freed_memory() -> bool:
+    """Return the memory this process has freed to the OS now (glibc's ``malloc_trim(0)``); whether it ran.
+
+    Why: parsing a large JSON file (COCO train2017: gigabytes of Python objects) leaves the freed
+    memory in the process's heap, resident, where the data-loading workers forked later share it
+    for nothing; ``load_coco`` calls this once the file's objects are gone.
+    """
+    if platform.system() != "Linux":
+        return False
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

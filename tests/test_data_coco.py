@@ -88,7 +88,7 @@ def test_label_mapping_and_mask_formats(tmp_path: Path) -> None:
     assert d.category_ids == [3, 7, 12] and d.class_names == ["three", "seven", "twelve"]
     assert d.category_id_to_label == {3: 0, 7: 1, 12: 2}
     assert [r.image_id for r in d.records] == [10, 11]  # empty image 12 dropped for training
-    assert d.aspect_ratios == [W / H, W / H]
+    assert d.aspect_ratios.tolist() == [W / H, W / H]
     # segmentations stay in JSON form until a sample is loaded (lazy decoding)
     assert isinstance(d.records[0].segmentations[0], list) and isinstance(d.records[0].segmentations[1], dict)
 
@@ -361,7 +361,7 @@ def test_evaluation_file_without_annotations_loads(tmp_path: Path) -> None:
     del data["annotations"]
     d = load_coco(_write(tmp_path, data), tmp_path / "images", filter_empty=True, is_train=False)
     assert [r.image_id for r in d.records] == [10, 11, 12] and all(len(r.boxes) == 0 for r in d.records)
-    assert d.coco.dataset["annotations"] == [] and d.num_classes == 3
+    assert d.coco_index().dataset["annotations"] == [] and d.num_classes == 3
 
 
 def test_unreadable_and_non_object_files_raise_one_line(tmp_path: Path) -> None:

@@ -14,9 +14,11 @@ from detkit.data.collate import DetectionSample
 from detkit.data.samplers import (
     AspectRatioGroupedBatchSampler,
     InferenceSampler,
+    RepeatFactorTrainingSampler,
     TrainingSampler,
     build_detection_test_loader,
     build_detection_train_loader,
+    repeat_factors,
 )
 from detkit.structures import Targets
 
@@ -166,3 +168,66 @@ def test_test_loader_keeps_order() -> None:
     ds = _Toy(5)
     assert _ids(build_detection_test_loader(ds, batch_size=2), 10) == [[0, 1], [2, 3], [4]]
     assert _ids(build_detection_test_loader(ds, batch_size=2, rank=1, world_size=2), 10) == [[2, 3], [4]]
+
+
+def test_repeat_factors_follow_lvis_rule() -> None:
+    # 10 images: 8 with class 0 only, 2 with class 1 (one also has class 0); threshold 0.8
+    labels = np.array([0] * 8 + [1, 1, 0])
+    offsets = np.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11])
+    r = repeat_factors(labels, offsets, 2, 0.8)
+    # f(0) = 9/10 -> r = max(1, sqrt(0.8/0.9)) = 1; f(1) = 2/10 -> r = sqrt(4) = 2; an image takes its max
+    np.testing.assert_allclose(r, [1.0] * 8 + [2.0, 2.0])
+    np.testing.assert_allclose(repeat_factors(labels, offsets, 2, 0.5), [1.0] * 8 + [np.sqrt(2.5)] * 2)
+    # images without instances count in f when num_images says so, and keep factor 1
+    empty = np.append(offsets, 11)
+    np.testing.assert_allclose(repeat_factors(labels, empty, 2, 0.8, num_images=11)[-3:], [np.sqrt(0.8 * 11 / 2)] * 2 + [1.0])
+
+
+def test_repeat_factor_sampler_repeats_and_rounds_stochastically() -> None:
+    r = np.array([1.0] * 8 + [2.0, 2.0])
+    s = RepeatFactorTrainingSampler(r, seed=3, rank=0, world_size=1)
+    stream = take(s, 5 * 12)
+    for e in range(5):  # integer factors: every epoch holds image i exactly r_i times
+        counts = np.bincount(stream[12 * e: 12 * (e + 1)], minlength=10)
+        assert counts.tolist() == [1] * 8 + [2, 2]
+    assert stream[:12] != stream[12:24]
+    frac = RepeatFactorTrainingSampler(np.array([1.0, 1.25, 2.5]), seed=0, rank=0, world_size=1)
+    per_epoch = [np.bincount(frac._epoch_order(e), minlength=3) for e in range(400)]
+    assert all(c[0] == 1 and c[1] in (1, 2) and c[2] in (2, 3) for c in per_epoch)
+    mean = np.mean(per_epoch, axis=0)
+    assert abs(mean[1] - 1.25) < 0.08 and abs(mean[2] - 2.5) < 0.1 and mean[0] == 1.0
+    with pytest.raises(ValueError, match=">= 1"):
+        RepeatFactorTrainingSampler(np.array([1.0, 0.5]))
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_repeat_factor_resume_and_ddp_shards(world_size: int) -> None:
+    r = np.array([1.0, 1.5, 3.2, 1.0, 2.7, 1.1, 1.0])
+    single = take(RepeatFactorTrainingSampler(r, seed=9, rank=0, world_size=1), 200)
+    streams = [take(RepeatFactorTrainingSampler(r, seed=9, rank=k, world_size=world_size), 200 // world_size)
+               for k in range(world_size)]
+    assert [streams[j % world_size][j // world_size] for j in range(200)] == single  # dealt round-robin
+    for k in range(world_size):
+        for start in (1, 11, 12, 40, 77):
+            resumed = take(RepeatFactorTrainingSampler(r, seed=9, rank=k, world_size=world_size, start=start), 20)
+            assert resumed == streams[k][start:start + 20], (k, start)
+
+
+@pytest.mark.parametrize("grouping", [True, False])
+def test_train_loader_with_repeat_factors_resumes_exactly(grouping: bool) -> None:
+    ds = _Toy(9)
+    r = np.array([1.0, 4.0, 1.0, 1.0, 2.5, 1.0, 1.0, 1.0, 1.3])
+
+    def ids(start: int, n: int) -> list[list[int]]:
+        return _ids(build_detection_train_loader(ds, ds.aspect_ratios, 2, 0, seed=4, start_iter=start,
+                                                 aspect_ratio_grouping=grouping, repeat_factors=r), n)
+
+    full = ids(0, 30)
+    assert full != _ids(build_detection_train_loader(ds, ds.aspect_ratios, 2, 0, seed=4,
+                                                     aspect_ratio_grouping=grouping), 30)
+    counts = np.bincount([i for b in full for i in b], minlength=9)
+    assert counts[1] > 2 * counts[0]  # image 1 (factor 4) comes back about 4 times as often
+    if grouping:
+        assert all(len({ds.aspect_ratios[i] >= 1 for i in b}) == 1 for b in full)
+    for k in (1, 7, 18):
+        assert ids(k, 30 - k) == full[k:], k

@@ -184,6 +184,28 @@ def test_dataset_counts_and_plot(tiny_config: Path, tmp_path: Path) -> None:
     assert r.text_path.read_text(encoding="utf-8") == r.report + "\n"
 
 
+def test_dataset_counts_after_repeat_factors(tmp_path: Path) -> None:
+    from detkit.analysis.dataset import dataset_statistics, format_dataset_report
+    from detkit.data.coco import load_coco
+
+    # "common" on images 1-8, "rare" on images 9 (three instances) and 10, image 11 without instances
+    pairs = [(1, i) for i in range(1, 9)] + [(2, 9)] * 3 + [(2, 10)]
+    data = {"images": [{"id": i, "file_name": f"{i}.png", "width": 20, "height": 20} for i in range(1, 12)],
+            "categories": [{"id": 1, "name": "common"}, {"id": 2, "name": "rare"}],
+            "annotations": [{"id": k, "image_id": i, "category_id": c, "bbox": [1, 1, 5, 5]}
+                            for k, (c, i) in enumerate(pairs, start=1)]}
+    (tmp_path / "a.json").write_text(json.dumps(data))
+    d = load_coco(tmp_path / "a.json", tmp_path, filter_empty=False, is_train=True)
+    stats = dataset_statistics(d, repeat_threshold=0.8, filter_empty=True)
+    # f(rare) = 2 of the 10 images training keeps -> r = sqrt(0.8 / 0.2) = 2; f(common) = 0.8 -> r = 1
+    assert stats.instances_per_class == {"common": 8, "rare": 4}
+    assert stats.repeated_per_class == {"common": 8.0, "rare": 8.0} and stats.images_per_epoch == 12.0
+    report = format_dataset_report(stats, "t", 10)
+    assert re.search(r"^rare\s+4\s+33\.3\s+8\.0\s+50\.0\s+x2\.00$", report, re.M), report
+    assert "repeat_threshold=0.8, 12 images" in report
+    assert dataset_statistics(d).repeated_per_class is None
+
+
 # --------------------------------------------------------------------------- log
 METRICS = [
     {"iter": 20, "lr": 0.01, "loss_cls": 1.2, "loss_box_reg": 0.6, "loss_rpn_cls": 0.7, "loss_rpn_loc": 0.2},

@@ -1,16 +1,18 @@
-"""Statistics and plots of a dataset split: images, instances per class, box sizes and aspect
-ratios, image sizes."""
+"""Statistics and plots of a dataset split: images, instances per class (and after the repeat factors of
+``dataloader.sampler=repeat_factor``), box sizes and aspect ratios, image sizes."""
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
 from ..config import DetectionConfig
 from ..data.coco import CocoData
+from ..data.samplers import repeat_factors
 from ..engine.detection import load_split, resolve_data_paths
 from ..fileio import write_text_atomic
 from .common import format_table, require_matplotlib, save_figure
@@ -32,6 +34,10 @@ class DatasetStats:
         aspect_ratios: float64 ``(M,)`` height / width of the non-crowd boxes with width > 0.
         image_sizes: Counter of ``(height, width)`` in pixels.
         num_dropped: reason -> annotations dropped at validation.
+        repeated_per_class: with ``dataloader.sampler=repeat_factor``: class name -> instances an epoch
+            holds on average after the repeat factors (in label order); else None.
+        repeat_threshold: the threshold those factors were computed with (None without them).
+        images_per_epoch: the images an epoch holds on average after the repeat factors (None without them).
     """
 
     class_names: list[str]
@@ -44,6 +50,9 @@ class DatasetStats:
     aspect_ratios: np.ndarray
     image_sizes: Counter = field(default_factory=Counter)
     num_dropped: dict[str, int] = field(default_factory=dict)
+    repeated_per_class: Optional[dict[str, float]] = None
+    repeat_threshold: Optional[float] = None
+    images_per_epoch: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -56,35 +65,41 @@ class DatasetAnalysis:
     plot_path: Path
 
 
-def dataset_statistics(data: CocoData) -> DatasetStats:
-    """Statistics of a loaded :class:`~detkit.data.coco.CocoData`."""
+def dataset_statistics(data: CocoData, repeat_threshold: Optional[float] = None,
+                       filter_empty: bool = True) -> DatasetStats:
+    """Statistics of a loaded :class:`~detkit.data.coco.CocoData`.
+
+    ``repeat_threshold``: also count the instances per class after the repeat factors of
+    ``dataloader.sampler=repeat_factor`` (on the images training keeps: without those without instances
+    when ``filter_empty``).
+    """
     names = list(data.class_names)
-    per_class = np.zeros(len(names), np.int64)
-    sqrt_areas, ratios, sizes = [], [], Counter()
-    crowd = empty = 0
-    for rec in data.records:
-        sizes[(int(rec.height), int(rec.width))] += 1
-        boxes = np.asarray(rec.boxes, np.float64).reshape(-1, 4)
-        labels = np.asarray(rec.labels, np.int64).reshape(-1)
-        np.add.at(per_class, labels, 1)
-        crowd += int(np.asarray(rec.crowd_boxes).reshape(-1, 4).shape[0])
-        empty += labels.size == 0
-        w = boxes[:, 2] - boxes[:, 0]
-        h = boxes[:, 3] - boxes[:, 1]
-        sqrt_areas.append(np.sqrt(np.clip(w * h, 0, None)))
-        ratios.append(h[w > 0] / w[w > 0])
-    return DatasetStats(
+    table = data.records
+    inst = table.instances
+    counts = np.diff(inst.offsets)
+    per_class = np.bincount(inst.labels, minlength=len(names))
+    boxes = inst.boxes.astype(np.float64)
+    w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    sizes = Counter(zip(table.heights.tolist(), table.widths.tolist()))
+    stats = DatasetStats(
         class_names=names,
-        num_images=len(data.records),
-        images_without_instances=int(empty),
+        num_images=len(table),
+        images_without_instances=int((counts == 0).sum()),
         instances_per_class={names[k]: int(per_class[k]) for k in range(len(names))},
         num_instances=int(per_class.sum()),
-        num_crowd=crowd,
-        sqrt_areas=np.concatenate(sqrt_areas) if sqrt_areas else np.zeros(0),
-        aspect_ratios=np.concatenate(ratios) if ratios else np.zeros(0),
+        num_crowd=len(table.crowds.labels),
+        sqrt_areas=np.sqrt(np.clip(w * h, 0, None)),
+        aspect_ratios=h[w > 0] / w[w > 0],
         image_sizes=sizes,
         num_dropped=dict(data.num_dropped or {}),
     )
+    if repeat_threshold is not None:
+        used = counts > 0 if filter_empty else np.ones(len(counts), bool)
+        factors = repeat_factors(inst.labels, inst.offsets, len(names), repeat_threshold, int(used.sum()))
+        repeated = np.bincount(inst.labels, weights=np.repeat(factors, counts), minlength=len(names))
+        stats.repeated_per_class = {names[k]: float(repeated[k]) for k in range(len(names))}
+        stats.repeat_threshold, stats.images_per_epoch = repeat_threshold, float(factors[used].sum())
+    return stats
 
 
 def _histogram_lines(values: np.ndarray, label: str, edges: np.ndarray) -> list[str]:
@@ -104,7 +119,17 @@ def format_dataset_report(stats: DatasetStats, title: str, bins: int) -> str:
         lines.append("dropped at validation: " + ", ".join(f"{k}: {v}" for k, v in dropped.items()))
     total = max(stats.num_instances, 1)
     rows = [[name, n, f"{100.0 * n / total:.1f}"] for name, n in stats.instances_per_class.items()]
-    lines += ["", "instances per class", format_table(["class", "instances", "%"], rows)]
+    headers = ["class", "instances", "%"]
+    title = "instances per class"
+    if stats.repeated_per_class is not None:
+        rep_total = max(sum(stats.repeated_per_class.values()), 1.0)
+        for row in rows:
+            r = stats.repeated_per_class[row[0]]
+            row += [f"{r:.1f}", f"{100.0 * r / rep_total:.1f}", f"x{r / max(row[1], 1):.2f}" if row[1] else "-"]
+        headers += ["after repeat factors", "%", "factor"]
+        title += (f" (after repeat factors: an epoch's average with dataloader.repeat_threshold="
+                  f"{stats.repeat_threshold:g}, {stats.images_per_epoch:.0f} images)")
+    lines += ["", title, format_table(headers, rows)]
     v = stats.sqrt_areas
     if v.size:
         lines += _histogram_lines(v, "box size sqrt(area) in pixels", np.histogram_bin_edges(v, bins=min(bins, 12)))
@@ -173,9 +198,10 @@ def analyze_dataset(cfg: DetectionConfig, split: str, output: Path, bins: int = 
     """
     require_matplotlib()
     cfg = resolve_data_paths(cfg).model_copy(deep=True)
-    cfg.data.filter_empty = False  # count every image, also those without instances
+    filter_empty, cfg.data.filter_empty = cfg.data.filter_empty, False  # count every image, also those without instances
     data = load_split(cfg, split, is_train=split == "train")
-    stats = dataset_statistics(data)
+    threshold = cfg.dataloader.repeat_threshold if cfg.dataloader.sampler == "repeat_factor" and split == "train" else None
+    stats = dataset_statistics(data, threshold, filter_empty)
     title = f"{split} split: {data.annotations_path}"
     report = format_dataset_report(stats, title, bins)
     output = Path(output)

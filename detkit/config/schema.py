@@ -207,6 +207,31 @@ class SplitConfig(_Strict):
     images: Optional[str] = None
 
 
+class TrainSplitConfig(_Strict):
+    """``data.train``: one COCO file and its images folder, or lists of them (several training sets,
+    as Detectron2's ``DATASETS.TRAIN``), matched by position; classes are matched by name."""
+
+    annotations: Optional[Union[str, list[str]]] = None
+    images: Optional[Union[str, list[str]]] = None
+
+    @model_validator(mode="after")
+    def _one_folder_per_file(self) -> "TrainSplitConfig":
+        a, i = self.annotations, self.images
+        if isinstance(a, list) or isinstance(i, list):
+            na = len(a) if isinstance(a, list) else int(a is not None)
+            ni = len(i) if isinstance(i, list) else int(i is not None)
+            if na != ni or na == 0:
+                raise ValueError(f"annotations lists {na} file(s) but images {ni} folder(s); give one images folder "
+                                 "per annotation file, e.g. annotations=[a.json,b.json] images=[a/,b/]")
+        return self
+
+    @property
+    def annotation_files(self) -> list[str]:
+        """The annotation files as a list (empty when unset)."""
+        a = self.annotations
+        return list(a) if isinstance(a, list) else ([a] if a else [])
+
+
 class SyntheticDataConfig(_Strict):
     """Generate the embedded shapes dataset (detkit.data.synthetic) under ``root`` if missing.
 
@@ -222,10 +247,12 @@ class SyntheticDataConfig(_Strict):
 
 class DataConfig(_Strict):
     synthetic: Optional[SyntheticDataConfig] = None  # when set, data.train/val point at the generated set
-    train: SplitConfig = SplitConfig()
+    train: TrainSplitConfig = TrainSplitConfig()
     val: SplitConfig = SplitConfig()
     filter_empty: bool = True  # drop training images without usable annotations
-    class_names: Optional[list[str]] = None  # used when no annotations file is given (inference)
+    # used when no annotations file is given (inference), and as the label space of several training
+    # files whose classes differ (their union, in label order)
+    class_names: Optional[list[str]] = None
     # the dataset's category id of each contiguous label, recorded by train_det so tools can write
     # COCO results (``category_id``) without the annotations file
     category_ids: Optional[list[int]] = None
@@ -249,6 +276,14 @@ class InputConfig(_Strict):
 class DataLoaderConfig(_Strict):
     num_workers: int = 2
     aspect_ratio_grouping: bool = True
+
+
+class DetectionDataLoaderConfig(DataLoaderConfig):
+    # "training": every image once per epoch; "repeat_factor": LVIS repeat-factor sampling, images with rare
+    # classes repeated (r(c) = max(1, sqrt(repeat_threshold / fraction of images with c)); Detectron2's
+    # RepeatFactorTrainingSampler)
+    sampler: Literal["training", "repeat_factor"] = "training"
+    repeat_threshold: float = Field(0.001, gt=0.0, le=1.0)
 
 
 class TrainConfig(_Strict):
@@ -309,7 +344,7 @@ class DetectionConfig(_Strict):
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     input: InputConfig = InputConfig()
-    dataloader: DataLoaderConfig = DataLoaderConfig()
+    dataloader: DetectionDataLoaderConfig = DetectionDataLoaderConfig()
     train: TrainConfig = TrainConfig()
     test: TestConfig = TestConfig()
     output_dir: str = "output"

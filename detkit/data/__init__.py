@@ -4,7 +4,8 @@ samplers, ImageFolder classification data and the synthetic shapes datasets.
 Imports only :mod:`detkit.structures` and :mod:`detkit.config` from the rest of detkit.
 """
 
-from .coco import CocoData, DatasetError, ImageRecord, load_coco
+from .coco import CocoData, CocoSet, DatasetError, ImageRecord, load_coco
+from .records import RecordTable
 from .coco_dataset import CocoDetection, decode_segmentation
 from .collate import ClassificationSample, DetectionSample, SkippedSample, collate_classification, collate_detection
 from .imagefolder import ImageFolderDataset, check_class_sets
@@ -29,6 +30,7 @@ __all__ = [
     "ClassificationSample",
     "CocoData",
     "CocoDetection",
+    "CocoSet",
     "DatasetError",
     "DetectionSample",
     "DetectionTransform",
@@ -36,6 +38,7 @@ __all__ = [
     "ImageFolderDataset",
     "ImageReadError",
     "ImageRecord",
+    "RecordTable",
     "InferenceSampler",
     "SHAPE_CLASSES",
     "SkippedSample",

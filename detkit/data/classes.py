@@ -6,8 +6,8 @@ detkit labels are contiguous, ``0..K-1``, in ascending order of the dataset's CO
 1. from a loaded dataset (:class:`CocoData`) when one is given, e.g. by training;
 2. else from ``data.class_names`` (with ``data.category_ids`` when recorded, as ``train_det.py``
    does in a run's ``config.yaml``);
-3. else from the categories of ``data.train.annotations``, then ``data.val.annotations``, the
-   first that exists;
+3. else from the categories of ``data.train.annotations`` (several files: merged by name, see
+   :func:`~detkit.data.coco.merge_classes`), then ``data.val.annotations``, the first that exists;
 4. else from the generated shapes set when ``data.synthetic`` is configured;
 5. else ``model.num_classes`` alone (names ``class_0``, ``class_1``, ...).
 
@@ -24,7 +24,7 @@ from typing import Optional
 
 from ..config import ConfigError
 from ..config.schema import DetectionConfig
-from .coco import CocoData, DatasetError
+from .coco import CocoData, DatasetError, merge_classes
 from .synthetic import SHAPE_CLASSES
 
 __all__ = ["ClassInfo", "resolve_classes"]
@@ -85,7 +85,12 @@ def _found(cfg: DetectionConfig, data: Optional[CocoData]) -> Optional[ClassInfo
                 "make them agree or remove data.category_ids"
             )
         return ClassInfo(list(d.class_names), None if ids is None else [int(c) for c in ids], "data.class_names")
-    for key, path in (("data.train.annotations", d.train.annotations), ("data.val.annotations", d.val.annotations)):
+    train = [(p, _categories_of(p)) for p in d.train.annotation_files]
+    if len(train) > 1 and all(cats is not None for _, cats in train):  # several training files, merged by name
+        names, ids = merge_classes([(p, cats[0], cats[1]) for p, cats in train], d.class_names)  # type: ignore[index]
+        return ClassInfo(names, ids, f"data.train.annotations ({', '.join(p for p, _ in train)})")
+    for key, path in (("data.train.annotations", train[0][0] if train else None),
+                      ("data.val.annotations", d.val.annotations)):
         cats = _categories_of(path) if path else None
         if cats is not None:
             return ClassInfo(cats[0], cats[1], f"{key} ({path})")

@@ -1,9 +1,10 @@
 """COCO-format annotation files: reading and validation at start-up.
 
-:func:`load_coco` reads and checks an annotation file once and returns a light
-:class:`CocoData` index (boxes and labels as small arrays; segmentations kept in their
-JSON form and decoded lazily per sample). :class:`~detkit.data.coco_dataset.CocoDetection`
-turns it into a torch ``Dataset``.
+:func:`load_coco` reads and checks an annotation file (or several, merged by class name) once and
+returns a :class:`CocoData` whose records live in flat numpy buffers (:mod:`detkit.data.records`:
+boxes, labels, polygon coordinates, file names), which the data-loading workers share without
+copying; neither the JSON nor a pycocotools index is kept (:meth:`CocoData.coco_index` builds one
+for evaluation). :class:`~detkit.data.coco_dataset.CocoDetection` turns it into a torch ``Dataset``.
 
 Validation rules (one warning per rule with the count and the first annotation ids, then
 ONE summary line on logger ``"detkit"``):
@@ -28,23 +29,28 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import orjson
 from pycocotools.coco import COCO
 
 from ..errors import DetkitError
+from ..machine import release_freed_memory
+from .coco_annotations import build_instances, column_lists, int_id, require, validate_annotations
+from .records import ImageRecord, RecordTable, StringColumn
 
 __all__ = [
     "DatasetError",
     "ImageRecord",
     "CocoData",
+    "CocoSet",
     "load_coco",
+    "merge_classes",
 ]
 
 logger = logging.getLogger("detkit")
 PathLike = Union[str, os.PathLike]
-_MAX_IDS_SHOWN = 5
 
 
 class DatasetError(DetkitError, ValueError):
@@ -52,54 +58,29 @@ class DatasetError(DetkitError, ValueError):
 
 
 @dataclass
-class ImageRecord:
-    """One image of a COCO file after validation.
-
-    Attributes:
-        image_id, file_name, path (images_dir / file_name), height, width: from the JSON.
-        boxes: float32 [N, 4] xyxy (clipped to the image) of the usable non-crowd instances.
-        labels: int64 [N] contiguous labels.
-        segmentations: N raw COCO segmentations (polygon lists / RLE dicts) or None when absent.
-        ann_ids: N annotation ids.
-        crowd_boxes: float32 [M, 4] xyxy of the crowd regions (``iscrowd=1``).
-    """
-
-    image_id: int
-    file_name: str
-    path: str
-    height: int
-    width: int
-    boxes: np.ndarray
-    labels: np.ndarray
-    segmentations: list[Any]
-    ann_ids: list[int]
-    crowd_boxes: np.ndarray
-    crowd_segmentations: list[Any] = field(default_factory=list)
-
-    @property
-    def aspect_ratio(self) -> float:
-        """width / height from the JSON (no decoding)."""
-        return self.width / self.height
-
-
-@dataclass
 class CocoData:
-    """A validated COCO annotation file.
+    """Validated COCO annotations: one file, or several training files merged into one label space.
 
     Attributes:
-        records: the images used (empty ones removed for training when ``filter_empty``).
+        annotations_path: the annotation file (several: joined with " + ").
+        images_dir: the folder of the (first file's) images.
+        records: the images used (empty ones removed for training when ``filter_empty``), in flat
+            buffers that the data-loading workers share (see :mod:`detkit.data.records`);
+            ``records[i]`` is an :class:`ImageRecord`.
         class_names: name of each contiguous label.
-        category_ids: COCO category id of each contiguous label (sorted ascending).
-        coco: the pycocotools ``COCO`` index of the file as read.
+        category_ids: COCO category id of each contiguous label (one file: sorted ascending).
+        num_dropped: rule -> annotations dropped at validation (all files).
+        sets: one :class:`CocoSet` per annotation file, in order.
     """
 
     annotations_path: str
     images_dir: str
-    records: list[ImageRecord]
+    records: RecordTable
     class_names: list[str]
     category_ids: list[int]
-    coco: COCO
     num_dropped: dict[str, int] = field(default_factory=dict)
+    sets: list["CocoSet"] = field(default_factory=list)
+    is_train: bool = True
 
     @property
     def num_classes(self) -> int:
@@ -110,12 +91,35 @@ class CocoData:
         return {c: i for i, c in enumerate(self.category_ids)}
 
     @property
-    def aspect_ratios(self) -> list[float]:
-        """Per-record width / height, from the JSON sizes (for aspect-ratio grouping)."""
-        return [r.aspect_ratio for r in self.records]
+    def aspect_ratios(self) -> np.ndarray:
+        """float64 [N]: per-record width / height, from the JSON sizes (for aspect-ratio grouping)."""
+        return self.records.widths / self.records.heights
+
+    def coco_index(self) -> COCO:
+        """A pycocotools ``COCO`` index of the file as read, built now (evaluation needs one; training
+        does not keep one). One file only."""
+        if len(self.sets) > 1:
+            raise DatasetError(f"{self.annotations_path}: an evaluation index is built for one annotation file; "
+                               "evaluate on a single data.val file")
+        coco = COCO()
+        coco.dataset = _read_json(Path(self.annotations_path), self.is_train)
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        return coco
 
     def __len__(self) -> int:
         return len(self.records)
+
+
+@dataclass(frozen=True)
+class CocoSet:
+    """One annotation file of a :class:`CocoData`: its path, images folder, and the images and
+    (non-crowd) instances it contributes after validation."""
+
+    annotations: str
+    images_dir: str
+    num_images: int
+    num_instances: int
 
 
 def _fail(path: PathLike, what: str) -> DatasetError:
@@ -130,15 +134,19 @@ def _read_json(path: Path, is_train: bool) -> dict:
     if not path.is_file():
         raise _fail(path, "annotation file not found; check data.*.annotations")
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        raw = path.read_bytes()
+        try:
+            data = orjson.loads(raw)  # 2x json's speed on COCO files (docs/data.md)
+        except orjson.JSONDecodeError:  # NaN literals (json.dump writes them), or a real error to report
+            data = json.loads(raw.decode("utf-8"))
+        del raw
     except json.JSONDecodeError as e:
         raise _fail(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise _fail(path, f"cannot read annotation file ({e})") from None
     if not isinstance(data, dict):
         raise _fail(path, f"top level must be a JSON object with 'images', 'annotations', 'categories', got {type(data).__name__}")
-    _require(data, ["images", "categories"], path, "the top-level object")
+    require(data, ["images", "categories"], path, "the top-level object")
     if "annotations" not in data:
         if is_train:
             raise _fail(path, "the top-level object lacks 'annotations'; a training file needs them")
@@ -149,15 +157,6 @@ def _read_json(path: Path, is_train: bool) -> dict:
     if not data["categories"]:
         raise _fail(path, "'categories' is empty; define at least one category")
     return data
-
-
-def _int_id(value: Any, path: PathLike, where: str, key: str) -> int:
-    """``value`` as an int id; a string, null, bool or non-integral number is a one-line DatasetError."""
-    ok = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-    if isinstance(value, bool) or not ok:
-        raise _fail(path, f"{where} has {key} {json.dumps(value)}, which is not an integer id; "
-                          f"COCO ids are JSON integers")
-    return int(value)
 
 
 def _positive_size(value: Any, path: PathLike, where: str, key: str) -> int:
@@ -175,228 +174,191 @@ def _image_where(i: int, im: Any) -> str:
     return f"images[{i}]" + (f" ({', '.join(named)})" if named else "")
 
 
-def _require(obj: dict, keys: Sequence[str], path: PathLike, where: str) -> None:
-    if not isinstance(obj, dict):
-        raise _fail(path, f"{where} must be a JSON object, got {type(obj).__name__}")
-    missing = [k for k in keys if k not in obj]
-    if missing:
-        raise _fail(path, f"{where} lacks required key(s) {missing}; every entry needs {list(keys)}")
-
-
-def _polygon_filter(seg: list, ann_id: int) -> tuple[list, int]:
-    """Keep polygons with >= 3 points and an even number of finite coordinates; return (kept, n_bad)."""
-    kept, bad = [], 0
-    for poly in seg:
-        ok = (
-            isinstance(poly, (list, tuple))
-            and len(poly) >= 6
-            and len(poly) % 2 == 0
-            and all(isinstance(v, (int, float)) and math.isfinite(v) for v in poly)
-        )
-        if ok:
-            kept.append(poly)
-        else:
-            bad += 1
-    return kept, bad
-
-
-def _warn_dropped(path: PathLike, what: str, ids: list[int]) -> None:
-    if ids:
-        shown = ", ".join(str(i) for i in ids[:_MAX_IDS_SHOWN]) + (", ..." if len(ids) > _MAX_IDS_SHOWN else "")
-        logger.warning("%s: dropped %d annotation(s) with %s (ids %s)", path, len(ids), what, shown)
-
-
-@dataclass
-class _Instance:
-    """One usable annotation, on its way into an :class:`ImageRecord`.
-
-    Attributes:
-        box: (x1, y1, x2, y2) floats, xyxy in image pixels, clipped to the image.
-        label: contiguous label (int) of its category.
-        segmentation: the raw COCO segmentation (polygon lists without the bad ones, or an RLE
-            dict), or None when the annotation has none.
-        ann_id: COCO annotation id (int).
-    """
-
-    box: tuple[float, float, float, float]
-    label: int
-    segmentation: Any
-    ann_id: int
-
-
-@dataclass
-class _Annotations:
-    """The validated ``annotations`` of a file, grouped per image.
-
-    Attributes:
-        instances: image id (int) -> its usable non-crowd instances in file order; every image
-            of the file has an entry (an empty list when it has no instance).
-        crowds: image id (int) -> its usable crowd regions (``iscrowd`` set) in file order.
-        bad_size: ids (int) of annotations dropped for a zero, negative, NaN or inf box size.
-        outside: ids (int) of annotations dropped for a box entirely outside the image.
-        bad_polygon: ids (int) of annotations that lost polygons (dropped when none was left).
-    """
-
-    instances: dict[int, list[_Instance]]
-    crowds: dict[int, list[_Instance]]
-    bad_size: list[int] = field(default_factory=list)
-    outside: list[int] = field(default_factory=list)
-    bad_polygon: list[int] = field(default_factory=list)
-
-
 def _validate_categories(categories: list, path: Path) -> dict[int, str]:
     """COCO category id -> class name, after checking each entry's id (an integer, unique) and name."""
     names: dict[int, str] = {}
     for i, c in enumerate(categories):
-        _require(c, ["id", "name"], path, f"categories[{i}]")
-        names[_int_id(c["id"], path, f"categories[{i}] (name {json.dumps(c['name'])})", "id")] = str(c["name"])
+        require(c, ["id", "name"], path, f"categories[{i}]")
+        names[int_id(c["id"], path, f"categories[{i}] (name {json.dumps(c['name'])})", "id")] = str(c["name"])
     if len(names) != len(categories):
         raise _fail(path, "duplicate category ids in 'categories'; ids must be unique")
     return names
 
 
-def _validate_images(images: list, path: Path) -> dict[int, dict]:
-    """Image id -> its JSON entry, in file order, after checking id, file_name, width and height."""
-    by_id: dict[int, dict] = {}
+@dataclass
+class _Images:
+    """The ``images`` of a file, checked, in file order: int64 [N] ids, int32 [N] widths and heights
+    (pixels), the N file names."""
+
+    ids: np.ndarray
+    widths: np.ndarray
+    heights: np.ndarray
+    file_names: list[str]
+
+
+def _fast_images(images: list) -> Optional[_Images]:
+    """The images by whole columns, or None when an entry needs the one-by-one check."""
+    cols = column_lists(images, ["id", "file_name", "width", "height"])
+    if cols is None:
+        return None
+    ids, names, widths, heights = cols
+    if not all(type(v) is int for v in ids + widths + heights) or (images and min(widths + heights) <= 0):
+        return None
+    if not all(type(n) is str and n.strip() for n in names) or len(set(ids)) != len(ids):
+        return None
+    return _Images(np.array(ids, np.int64), np.array(widths, np.int32), np.array(heights, np.int32), names)
+
+
+def _checked_images(images: list, path: Path) -> _Images:
+    """The images entry by entry; the first bad entry is a one-line DatasetError naming it."""
+    seen: set[int] = set()
+    ids, widths, heights, names = [], [], [], []
     for i, im in enumerate(images):
         where = _image_where(i, im)
-        _require(im, ["id", "file_name", "width", "height"], path, where)
-        img_id = _int_id(im["id"], path, where, "id")
-        if img_id in by_id:
+        require(im, ["id", "file_name", "width", "height"], path, where)
+        img_id = int_id(im["id"], path, where, "id")
+        if img_id in seen:
             raise _fail(path, f"duplicate image id {img_id} (images[{i}]); image ids must be unique")
+        seen.add(img_id)
         if not isinstance(im["file_name"], str) or not im["file_name"].strip():
             raise _fail(path, f"{where} has file_name {json.dumps(im['file_name'])}; expected the image's path "
                               "relative to the image folder")
-        for key in ("width", "height"):
-            _positive_size(im[key], path, where, key)
-        by_id[img_id] = im
-    return by_id
+        ids.append(img_id)
+        names.append(im["file_name"])
+        widths.append(_positive_size(im["width"], path, where, "width"))
+        heights.append(_positive_size(im["height"], path, where, "height"))
+    return _Images(np.array(ids, np.int64), np.array(widths, np.int32), np.array(heights, np.int32), names)
 
 
-def _add_annotation(i: int, ann: Any, path: Path, images: dict[int, dict], cat_to_label: dict[int, int],
-                    out: _Annotations) -> None:
-    """Check ``annotations[i]`` and file it in ``out``: as an instance, a crowd region or a drop.
-
-    ``images``: image id -> JSON entry; ``cat_to_label``: COCO category id -> contiguous label.
-    """
-    _require(ann, ["id", "image_id", "category_id", "bbox"], path, f"annotations[{i}]")
-    aid = _int_id(ann["id"], path, f"annotations[{i}]", "id")
-    cat_id = _int_id(ann["category_id"], path, f"annotation id {aid} (annotations[{i}])", "category_id")
-    if cat_id not in cat_to_label:
-        raise _fail(path, f"annotation id {aid} has category_id {ann['category_id']}, which is not defined in 'categories'")
-    img_id = _int_id(ann["image_id"], path, f"annotation id {aid} (annotations[{i}])", "image_id")
-    if img_id not in images:
-        raise _fail(path, f"annotation id {aid} has image_id {ann['image_id']}, which is not defined in 'images'")
-    bbox = ann["bbox"]
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4):
-        raise _fail(path, f"annotation id {aid} has bbox {bbox!r}; expected [x, y, width, height]")
-    try:
-        x, y, w, h = (float(v) for v in bbox)
-    except (TypeError, ValueError):
-        raise _fail(path, f"annotation id {aid} has non-numeric bbox {bbox!r}") from None
-    if not all(math.isfinite(v) for v in (x, y, w, h)) or w <= 0 or h <= 0:
-        out.bad_size.append(aid)
-        return
-    W, H = float(images[img_id]["width"]), float(images[img_id]["height"])
-    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, W), min(y + h, H)
-    if x2 <= x1 or y2 <= y1:
-        out.outside.append(aid)
-        return
-    seg = ann.get("segmentation")
-    if isinstance(seg, list):
-        seg, n_bad = _polygon_filter(seg, aid)
-        if n_bad:
-            out.bad_polygon.append(aid)
-            if not seg:
-                return
-    elif seg is not None and not (isinstance(seg, dict) and "counts" in seg and "size" in seg):
-        raise _fail(path, f"annotation id {aid} has a segmentation that is neither polygons nor RLE")
-    instance = _Instance(box=(x1, y1, x2, y2), label=cat_to_label[cat_id], segmentation=seg, ann_id=aid)
-    (out.crowds if ann.get("iscrowd", 0) else out.instances)[img_id].append(instance)
-
-
-def _validate_annotations(annotations: list, path: Path, images: dict[int, dict],
-                          cat_to_label: dict[int, int]) -> _Annotations:
-    """Check every annotation, group the usable ones per image, warn once per drop rule."""
-    out = _Annotations(instances={i: [] for i in images}, crowds={i: [] for i in images})
-    for i, ann in enumerate(annotations):
-        _add_annotation(i, ann, path, images, cat_to_label, out)
-    _warn_dropped(path, "zero, negative or NaN box size", out.bad_size)
-    _warn_dropped(path, "boxes entirely outside the image", out.outside)
-    _warn_dropped(path, "polygons of fewer than 3 points (bad polygons removed; annotation dropped if none left)",
-                  out.bad_polygon)
-    return out
-
-
-def _build_records(images: dict[int, dict], anns: _Annotations, images_dir: Path,
-                   drop_empty: bool) -> list[ImageRecord]:
-    """One :class:`ImageRecord` per image in file order; without instances skipped when ``drop_empty``."""
-    records: list[ImageRecord] = []
-    for img_id, im in images.items():
-        inst, crowd = anns.instances[img_id], anns.crowds[img_id]
-        if not inst and drop_empty:
-            continue
-        records.append(ImageRecord(
-            image_id=img_id, file_name=str(im["file_name"]), path=str(images_dir / str(im["file_name"])),
-            height=int(im["height"]), width=int(im["width"]),
-            boxes=np.array([e.box for e in inst], dtype=np.float32).reshape(-1, 4),
-            labels=np.array([e.label for e in inst], dtype=np.int64),
-            segmentations=[e.segmentation for e in inst],
-            ann_ids=[e.ann_id for e in inst],
-            crowd_boxes=np.array([e.box for e in crowd], dtype=np.float32).reshape(-1, 4),
-            crowd_segmentations=[e.segmentation for e in crowd],
-        ))
-    return records
-
-
-def load_coco(annotations_path: PathLike, images_dir: PathLike, *, filter_empty: bool, is_train: bool) -> CocoData:
-    """Read, validate and index a COCO annotation file.
-
-    Args:
-        annotations_path: the COCO JSON.
-        images_dir: folder that ``images[*].file_name`` are relative to.
-        filter_empty: with ``is_train``, drop images that have no usable non-crowd instance.
-        is_train: evaluation sets always keep every image (``filter_empty`` is ignored).
-
-    Raises:
-        DatasetError: missing/malformed file, missing keys, undefined category or image id,
-            duplicate image ids.
-    """
-    path = Path(annotations_path)
-    images_dir = Path(images_dir)
+def _load_file(path: Path, images_dir: Path, filter_empty: bool, is_train: bool) -> CocoData:
+    """One annotation file read, validated and turned into a :class:`RecordTable` (logs one summary line)."""
     data = _read_json(path, is_train)
     names = _validate_categories(data["categories"], path)
     cat_ids = sorted(names)
-    images = _validate_images(data["images"], path)
-    anns = _validate_annotations(data["annotations"], path, images, {c: i for i, c in enumerate(cat_ids)})
+    images = _fast_images(data["images"]) or _checked_images(data["images"], path)
+    num_annotations = len(data["annotations"])
+    cols = validate_annotations(data["annotations"], path, images.ids, images.widths, images.heights,
+                                {c: i for i, c in enumerate(cat_ids)})
+    del data
+    release_freed_memory()  # the file's Python objects: gone from the heap before the workers fork
+    n = len(images.ids)
+    has_instances = np.bincount(cols.image_index[~cols.crowd], minlength=n) > 0
     drop_empty = is_train and filter_empty
-    records = _build_records(images, anns, images_dir, drop_empty)
-    num_empty = sum(1 for inst in anns.instances.values() if not inst)
-    if is_train and not records:
+    kept = np.flatnonzero(has_instances) if drop_empty else np.arange(n)
+    num_empty = int(n - has_instances.sum())
+    if is_train and not len(kept):
         raise _fail(
             path,
-            f"no training image left ({len(images)} images, {len(data['annotations'])} annotations, "
+            f"no training image left ({n} images, {num_annotations} annotations, "
             f"{num_empty} without usable instances); check the boxes/categories or set data.filter_empty=false",
         )
-    coco = COCO()
-    coco.dataset = data
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        coco.createIndex()
-
-    dropped = {"bad_size": len(anns.bad_size), "outside": len(anns.outside), "bad_polygon": len(anns.bad_polygon)}
+    image_rows = np.full(n, -1, np.int64)
+    image_rows[kept] = np.arange(len(kept))
+    table = RecordTable(
+        image_ids=images.ids[kept], heights=images.heights[kept], widths=images.widths[kept],
+        file_names=StringColumn.from_strings([images.file_names[i] for i in kept]),
+        set_index=np.zeros(len(kept), np.int16),
+        instances=build_instances(cols, ~cols.crowd, image_rows, len(kept)),
+        crowds=build_instances(cols, cols.crowd, image_rows, len(kept)),
+        sources=[str(path)], images_dirs=[str(images_dir)])
+    dropped = {"bad_size": len(cols.bad_size), "outside": len(cols.outside), "bad_polygon": len(cols.bad_polygon)}
+    num_instances = len(table.instances.labels)
     logger.info(
         "%s: %d images (%s), %d instances, %d crowd regions, %d classes; dropped annotations: %d bad size, "
         "%d outside image, %d bad polygons",
-        path, len(records), f"{num_empty} without instances {'dropped' if drop_empty else 'kept'}",
-        sum(len(r.boxes) for r in records), sum(len(r.crowd_boxes) for r in records), len(cat_ids),
-        *dropped.values(),
+        path, len(table), f"{num_empty} without instances {'dropped' if drop_empty else 'kept'}",
+        num_instances, len(table.crowds.labels), len(cat_ids), *dropped.values(),
     )
-    return CocoData(
-        annotations_path=str(path),
-        images_dir=str(images_dir),
-        records=records,
-        class_names=[names[c] for c in cat_ids],
-        category_ids=cat_ids,
-        coco=coco,
-        num_dropped=dropped,
-    )
+    return CocoData(annotations_path=str(path), images_dir=str(images_dir), records=table,
+                    class_names=[names[c] for c in cat_ids], category_ids=cat_ids, num_dropped=dropped,
+                    sets=[CocoSet(str(path), str(images_dir), len(table), num_instances)], is_train=is_train)
+
+
+def merge_classes(files: Sequence[tuple[str, list[str], list[int]]], class_names: Optional[Sequence[str]] = None
+                  ) -> tuple[list[str], list[int]]:
+    """The label space of several annotation files, matched by class name.
+
+    Args:
+        files: (path, class names in label order, category id of each) per file.
+        class_names: the classes to train on (``data.class_names``), which must hold every file's
+            classes; None: every file must have the first file's classes (in any order and with any ids).
+
+    Returns:
+        The class names in label order, and a category id for each: its id in the first file that has
+        it (a class no file has: the next free id), or ``1..K`` when those ids collide.
+
+    Raises:
+        DatasetError: naming the file whose classes do not fit, and those classes.
+    """
+    for path, names, _ in files:
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup and len(files) > 1:
+            raise DatasetError(f"{path}: class name(s) {dup} name several categories; classes are matched by name "
+                               "across the training files, so each name must be unique")
+    first_path, first_names, _ = files[0]
+    if class_names is None:
+        target = list(first_names)
+        for path, names, _ in files[1:]:
+            extra, missing = sorted(set(names) - set(target)), sorted(set(target) - set(names))
+            if extra or missing:
+                raise DatasetError(
+                    f"{path}: its classes differ from those of {first_path} (only in {path}: {extra}; missing: "
+                    f"{missing}); set data.class_names to the classes to train on (the union) to merge them")
+    else:
+        target = list(class_names)
+        for path, names, _ in files:
+            missing = [n for n in names if n not in target]
+            if missing:
+                raise DatasetError(f"{path}: classes {missing} are not in data.class_names; add them to "
+                                   "data.class_names (the classes to train on)")
+    first_id: dict[str, int] = {}
+    for _, names, ids in files:
+        for n, c in zip(names, ids):
+            first_id.setdefault(n, int(c))
+    top = max(first_id.values(), default=0)
+    absent = [n for n in target if n not in first_id]  # in class_names only: fresh ids after the others
+    first_id.update({n: top + 1 + i for i, n in enumerate(absent)})
+    ids = [first_id[n] for n in target]
+    return target, ids if len(set(ids)) == len(ids) else list(range(1, len(target) + 1))
+
+
+def _as_list(value: Any) -> list:
+    return [value] if isinstance(value, (str, os.PathLike)) else list(value)
+
+
+def load_coco(annotations_path: Union[PathLike, Sequence[PathLike]], images_dir: Union[PathLike, Sequence[PathLike]],
+              *, filter_empty: bool, is_train: bool, class_names: Optional[Sequence[str]] = None) -> CocoData:
+    """Read, validate and index a COCO annotation file, or several (a list of files with one images
+    folder each, as Detectron2's ``DATASETS.TRAIN``), one after the other.
+
+    Args:
+        annotations_path: the COCO JSON, or a list of them.
+        images_dir: folder that ``images[*].file_name`` are relative to (a list: one per file).
+        filter_empty: with ``is_train``, drop images that have no usable non-crowd instance.
+        is_train: evaluation sets always keep every image (``filter_empty`` is ignored).
+        class_names: the label space for several files (or a file whose labels must follow another
+            set's order); see :func:`merge_classes`. One file without it: its categories in id order.
+
+    Raises:
+        DatasetError: missing/malformed file, missing keys, undefined category or image id,
+            duplicate image ids, files whose classes do not fit together.
+    """
+    paths, dirs = _as_list(annotations_path), _as_list(images_dir)
+    if len(paths) != len(dirs) or not paths:
+        raise DatasetError(f"{len(paths)} annotation file(s) {[str(p) for p in paths]} but {len(dirs)} images "
+                           "folder(s); give one images folder per annotation file, in the same order")
+    parts = [_load_file(Path(p), Path(d), filter_empty, is_train) for p, d in zip(paths, dirs)]
+    if len(parts) == 1 and class_names is None:
+        return parts[0]
+    names, ids = merge_classes([(p.annotations_path, p.class_names, p.category_ids) for p in parts], class_names)
+    index = {n: i for i, n in enumerate(names)}
+    maps = [np.array([index[n] for n in p.class_names], np.int64) for p in parts]
+    table = RecordTable.concatenate([p.records for p in parts], maps)
+    dropped = {k: sum(p.num_dropped[k] for p in parts) for k in parts[0].num_dropped}
+    sets = [s for p in parts for s in p.sets]
+    if len(sets) > 1:
+        logger.info("%d annotation files, %d images, %d instances, %d classes: %s", len(sets), len(table),
+                    len(table.instances.labels), len(names),
+                    "; ".join(f"{s.annotations} ({s.num_images} images, {s.num_instances} instances)" for s in sets))
+    return CocoData(annotations_path=" + ".join(s.annotations for s in sets), images_dir=str(dirs[0]), records=table,
+                    class_names=names, category_ids=ids, num_dropped=dropped, sets=sets, is_train=is_train)

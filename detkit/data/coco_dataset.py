@@ -15,6 +15,7 @@ from torch.utils.data import Dataset
 from detkit.structures import Targets
 
 from .coco import CocoData, DatasetError
+from .records import SEG_NONE
 from .collate import DetectionSample, SkippedSample
 from .images import ImageReadError, read_image
 
@@ -67,13 +68,15 @@ class CocoDetection(Dataset):
         self.transform = transform
         self.with_masks = with_masks
         if with_masks:
-            for r in coco_data.records:
-                for seg, aid in zip(r.segmentations, r.ann_ids):
-                    if seg is None:
-                        raise DatasetError(
-                            f"{coco_data.annotations_path}: annotation id {aid} has no segmentation but masks are "
-                            "needed (Mask R-CNN); add masks or train a Faster R-CNN config"
-                        )
+            table = coco_data.records
+            missing = np.flatnonzero(table.instances.seg_kind == SEG_NONE)
+            if len(missing):
+                k = int(missing[0])
+                image = int(np.searchsorted(table.instances.offsets, k, side="right")) - 1
+                raise DatasetError(
+                    f"{table.sources[table.set_index[image]]}: annotation id {table.instances.ann_ids[k]} has no "
+                    "segmentation but masks are needed (Mask R-CNN); add masks or train a Faster R-CNN config"
+                )
 
     @property
     def class_names(self) -> list[str]:
@@ -84,7 +87,7 @@ class CocoDetection(Dataset):
         return self.data.category_ids
 
     @property
-    def aspect_ratios(self) -> list[float]:
+    def aspect_ratios(self) -> np.ndarray:
         return self.data.aspect_ratios
 
     def __len__(self) -> int:
@@ -101,7 +104,7 @@ class CocoDetection(Dataset):
         h, w = img.shape[:2]
         if (h, w) != (rec.height, rec.width):
             reason = f"decoded size {h}x{w} differs from the annotation's {rec.height}x{rec.width}"
-            logger.warning("skipping image %s: %s (fix width/height in %s)", rec.path, reason, self.data.annotations_path)
+            logger.warning("skipping image %s: %s (fix width/height in %s)", rec.path, reason, rec.source)
             return SkippedSample(rec.path, reason)
         masks = None
         if self.with_masks:

@@ -24,6 +24,8 @@ from .collate import collate_detection
 __all__ = [
     "SeededIndex",
     "TrainingSampler",
+    "RepeatFactorTrainingSampler",
+    "repeat_factors",
     "AspectRatioGroupedBatchSampler",
     "InferenceSampler",
     "build_detection_train_loader",
@@ -85,17 +87,90 @@ class TrainingSampler(Sampler[int]):
         g.manual_seed(self.seed + epoch)
         return torch.randperm(self.size, generator=g).tolist()
 
+    def _epoch_size(self, epoch: int) -> int:
+        """Length of epoch ``epoch``'s order (without drawing the order itself)."""
+        return self.size
+
     def __iter__(self) -> Iterator[int]:
         # global position of this rank's j-th sample: rank + world_size * (start + j)
-        pos = self.rank + self.world_size * self.start
-        epoch, offset = divmod(pos, self.size)
+        offset, epoch = self.rank + self.world_size * self.start, 0
+        while offset >= (size := self._epoch_size(epoch)):
+            offset -= size
+            epoch += 1
         while True:
             order = self._epoch_order(epoch)
-            while offset < self.size:
+            while offset < len(order):
                 yield order[offset]
                 offset += self.world_size
             epoch += 1
-            offset -= self.size
+            offset -= len(order)
+
+
+def repeat_factors(labels: np.ndarray, offsets: np.ndarray, num_classes: int, threshold: float,
+                   num_images: Optional[int] = None) -> np.ndarray:
+    """LVIS repeat factors (Gupta et al. 2019; Detectron2's ``repeat_factors_from_category_frequency``).
+
+    With ``f(c)`` the fraction of images holding class ``c``, class ``c`` gets
+    ``r(c) = max(1, sqrt(threshold / f(c)))`` and an image the largest ``r(c)`` of its classes (1 without
+    instances).
+
+    Args:
+        labels: int64 [M] labels of the instances, image after image.
+        offsets: int64 [N + 1]; image ``i``'s instances are ``labels[offsets[i]:offsets[i + 1]]``.
+        num_classes: K (labels are in ``[0, K)``).
+        threshold: ``t``; classes in fewer than a fraction ``t`` of the images are repeated.
+        num_images: the images ``f`` counts (default N; more when images without instances count too).
+
+    Returns:
+        float64 [N], the repeat factor of each image (>= 1).
+    """
+    n = len(offsets) - 1
+    image = np.repeat(np.arange(n, dtype=np.int64), np.diff(offsets))
+    pairs = np.unique(image * num_classes + np.asarray(labels, np.int64))  # (image, class) present
+    with_class = np.bincount(pairs % num_classes, minlength=num_classes)
+    freq = with_class / max(num_images if num_images is not None else n, 1)
+    with np.errstate(divide="ignore"):
+        per_class = np.maximum(1.0, np.sqrt(threshold / freq))  # inf only for classes no image has
+    out = np.ones(n)
+    np.maximum.at(out, pairs // num_classes, per_class[pairs % num_classes])
+    return out
+
+
+class RepeatFactorTrainingSampler(TrainingSampler):
+    """:class:`TrainingSampler` where image ``i`` appears ``repeat_factors[i]`` times per epoch on average
+    (Detectron2's ``RepeatFactorTrainingSampler``, for class-balanced sampling with :func:`repeat_factors`).
+
+    Epoch ``e`` draws, with ``torch.Generator(seed + e)``, a uniform ``u_i`` per image and repeats image ``i``
+    ``floor(r_i) + (u_i < frac(r_i))`` times (stochastic rounding), then shuffles those indices with the
+    same generator. Epochs differ in length; the stream, the DDP sharding and ``start`` are as for
+    :class:`TrainingSampler`, so a resumed run sees the same samples.
+
+    Args:
+        repeat_factors: float [N], each >= 1.
+        seed, rank, world_size, start: as for :class:`TrainingSampler`.
+    """
+
+    def __init__(self, repeat_factors: Sequence[float], seed: int = 0, rank: Optional[int] = None,
+                 world_size: Optional[int] = None, start: int = 0) -> None:
+        r = np.asarray(repeat_factors, np.float64)
+        if r.ndim != 1 or (r < 1).any() or not np.isfinite(r).all():
+            raise ValueError("repeat factors must be a 1-D array of finite numbers >= 1")
+        super().__init__(len(r), seed=seed, shuffle=True, rank=rank, world_size=world_size, start=start)
+        self.int_part = np.floor(r).astype(np.int64)
+        self.frac_part = r - self.int_part
+
+    def _repeats(self, epoch: int, g: torch.Generator) -> np.ndarray:
+        """int64 [N]: how often each image appears in epoch ``epoch`` (draws from ``g``)."""
+        u = torch.rand(self.size, generator=g, dtype=torch.float64).numpy()
+        return self.int_part + (u < self.frac_part)
+
+    def _epoch_size(self, epoch: int) -> int:
+        return int(self._repeats(epoch, torch.Generator().manual_seed(self.seed + epoch)).sum())
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        indices = np.repeat(np.arange(self.size), self._repeats(epoch, g))
+        return indices[torch.randperm(len(indices), generator=g).numpy()].tolist()
 
 
 class AspectRatioGroupedBatchSampler(Sampler[list[int]]):
@@ -234,26 +309,35 @@ def build_detection_train_loader(
     aspect_ratio_grouping: bool = True,
     rank: Optional[int] = None,
     world_size: Optional[int] = None,
+    repeat_factors: Optional[Sequence[float]] = None,
 ) -> DataLoader:
     """Infinite, deterministic training loader yielding :class:`~detkit.structures.Batch`.
 
     Batch ``i`` of the loader, augmentation included, is the same whether the run started at
     iteration 0 or was resumed with ``start_iter <= i``, and whatever ``num_workers``. Each rank gets
     a different shard of the stream and different augmentation seeds. ``aspect_ratios`` are per-image w/h (``CocoData.aspect_ratios``).
+    ``repeat_factors`` (float [N], see :func:`repeat_factors`) switch to :class:`RepeatFactorTrainingSampler`.
     """
     rank, world_size = _dist_info(rank, world_size)
     n = len(dataset)  # type: ignore[arg-type]
     if len(aspect_ratios) != n:
         raise ValueError(f"aspect_ratios has {len(aspect_ratios)} entries for a dataset of {n} images")
+    if repeat_factors is not None and len(repeat_factors) != n:
+        raise ValueError(f"repeat_factors has {len(repeat_factors)} entries for a dataset of {n} images")
+
+    def index_sampler(start: int) -> TrainingSampler:
+        if repeat_factors is None:
+            return TrainingSampler(n, seed=seed, rank=rank, world_size=world_size, start=start)
+        return RepeatFactorTrainingSampler(repeat_factors, seed=seed, rank=rank, world_size=world_size, start=start)
+
     if aspect_ratio_grouping:
         group_ids = AspectRatioGroupedBatchSampler.group_ids_from_aspect_ratios(aspect_ratios)
-        sampler = TrainingSampler(n, seed=seed, rank=rank, world_size=world_size)
         batch_sampler: Sampler[list[int]] = AspectRatioGroupedBatchSampler(
-            sampler, group_ids, batch_size_per_gpu, start_batch=start_iter
+            index_sampler(0), group_ids, batch_size_per_gpu, start_batch=start_iter
         )
     else:
-        sampler = TrainingSampler(n, seed=seed, rank=rank, world_size=world_size, start=start_iter * batch_size_per_gpu)
-        batch_sampler = AspectRatioGroupedBatchSampler(sampler, [0] * n, batch_size_per_gpu)
+        batch_sampler = AspectRatioGroupedBatchSampler(index_sampler(start_iter * batch_size_per_gpu), [0] * n,
+                                                       batch_size_per_gpu)
     aug_seed = (seed * 1_000_003 + rank * 7919) % 2**31
     if hasattr(getattr(dataset, "transform", None), "set_random_seed"):
         # each sample's augmentation depends on (seed, rank, batch number, position) only

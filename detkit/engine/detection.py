@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +21,7 @@ from ..checkpoint import load_initial_weights
 from ..config import DetectionConfig
 from ..data.coco import CocoData, DatasetError, load_coco
 from ..data.coco_dataset import CocoDetection
-from ..data.samplers import build_detection_test_loader, build_detection_train_loader
+from ..data.samplers import build_detection_test_loader, build_detection_train_loader, repeat_factors
 from ..data.transforms import build_detection_transform
 from ..evaluation.coco_eval import COCOEvaluator
 from ..fileio import write_json_atomic
@@ -32,6 +33,7 @@ __all__ = [
     "resolve_data_paths",
     "load_split",
     "check_same_categories",
+    "train_repeat_factors",
     "batch_size_per_process",
     "build_train_loader",
     "build_test_dataset",
@@ -70,7 +72,10 @@ def resolve_data_paths(cfg: DetectionConfig) -> DetectionConfig:
 
 
 def load_split(cfg: DetectionConfig, split: str, is_train: bool) -> CocoData:
-    """Read and validate ``data.<split>``; a clear :class:`DatasetError` when it is not set."""
+    """Read and validate ``data.<split>``; a clear :class:`DatasetError` when it is not set.
+
+    Several training files (lists in ``data.train``) are merged by class name, in the label space of
+    ``data.class_names`` when it is set (see :func:`~detkit.data.coco.load_coco`)."""
     sc = getattr(cfg.data, split)
     for key in ("annotations", "images"):
         if not getattr(sc, key):
@@ -78,11 +83,22 @@ def load_split(cfg: DetectionConfig, split: str, is_train: bool) -> CocoData:
                 f"data.{split}.{key} is not set: pass data.{split}.annotations=FILE.json and "
                 f"data.{split}.images=FOLDER (or use a config with data.synthetic)"
             )
-    return load_coco(sc.annotations, sc.images, filter_empty=cfg.data.filter_empty, is_train=is_train)
+    several = isinstance(sc.annotations, list) and len(sc.annotations) > 1
+    return load_coco(sc.annotations, sc.images, filter_empty=cfg.data.filter_empty, is_train=is_train,
+                     class_names=cfg.data.class_names if several else None)
 
 
 def check_same_categories(train: CocoData, val: CocoData) -> None:
-    """Labels are shared between splits: the category ids must be identical."""
+    """Labels are shared between splits: the category ids must be identical (the class names, in the same
+    order, when the training set merges several files)."""
+    if len(train.sets) > 1:
+        if list(train.class_names) != list(val.class_names):
+            only_t = [n for n in train.class_names if n not in val.class_names]
+            only_v = [n for n in val.class_names if n not in train.class_names]
+            raise DatasetError(
+                f"{val.annotations_path}: its classes differ from the training files' (only in training: {only_t}, "
+                f"only in val: {only_v}); evaluate on a file with the training classes")
+        return
     if list(train.category_ids) != list(val.category_ids):
         only_t = sorted(set(train.category_ids) - set(val.category_ids))
         only_v = sorted(set(val.category_ids) - set(train.category_ids))
@@ -92,13 +108,27 @@ def check_same_categories(train: CocoData, val: CocoData) -> None:
         )
 
 
+def train_repeat_factors(cfg: DetectionConfig, data: CocoData) -> Optional[np.ndarray]:
+    """float64 [N] repeat factors of the training images for ``dataloader.sampler=repeat_factor``, else None."""
+    if cfg.dataloader.sampler != "repeat_factor":
+        return None
+    inst = data.records.instances
+    return repeat_factors(inst.labels, inst.offsets, data.num_classes, cfg.dataloader.repeat_threshold)
+
+
 def build_train_loader(cfg: DetectionConfig, data: CocoData, start_iter: int) -> Any:
     """Infinite, resumable training loader (batch ``i`` is the same after a resume at ``start_iter``)."""
     with_masks = cfg.model.meta_architecture == "mask_rcnn"
     dataset = CocoDetection(data, build_detection_transform(cfg.input, True, seed=cfg.train.seed), with_masks)
+    factors = train_repeat_factors(cfg, data)
+    if factors is not None:
+        logger.info("repeat-factor sampling (threshold %g): %d images, %.0f per epoch on average (x%.2f), "
+                    "%d repeated, factors up to %.2f", cfg.dataloader.repeat_threshold, len(factors), factors.sum(),
+                    factors.mean(), int((factors > 1).sum()), factors.max())
     return build_detection_train_loader(
         dataset, data.aspect_ratios, batch_size_per_process(cfg.train.batch_size), cfg.dataloader.num_workers,
         seed=cfg.train.seed, start_iter=start_iter, aspect_ratio_grouping=cfg.dataloader.aspect_ratio_grouping,
+        repeat_factors=factors,
     )
 
 
@@ -137,7 +167,7 @@ def build_model(cfg: DetectionConfig, num_classes: int, device: torch.device) ->
 def build_evaluator(cfg: DetectionConfig, data: CocoData) -> COCOEvaluator:
     """COCO evaluator for ``data`` (bbox, plus segm for Mask R-CNN) with ``test.eval_backend``."""
     iou_types = ("bbox", "segm") if cfg.model.meta_architecture == "mask_rcnn" else ("bbox",)
-    return COCOEvaluator(data.coco, data.category_ids, data.class_names, iou_types, backend=cfg.test.eval_backend)
+    return COCOEvaluator(data.coco_index(), data.category_ids, data.class_names, iou_types, backend=cfg.test.eval_backend)
 
 
 def make_eval_fn(cfg: DetectionConfig, val: CocoData, model_fn: Callable[[], nn.Module],

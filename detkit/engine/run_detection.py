@@ -14,6 +14,7 @@ from torch import nn
 from ..checkpoint import load_initial_weights
 from ..config import DetectionConfig, save_config
 from ..data.classes import resolve_classes
+from ..data.coco import load_coco
 from ..evaluation import format_coco_table, format_per_class_table
 from ..models.build import build_detector
 from .checkpointing import BestCheckpointer, PeriodicCheckpointer, resume_from_last
@@ -53,6 +54,9 @@ def build_data(cfg: DetectionConfig) -> DetectionData:
     val = None
     if cfg.data.val.annotations or cfg.data.val.images:
         val = load_split(cfg, "val", is_train=False)
+        if len(train.sets) > 1 and set(val.class_names) == set(train.class_names):  # labels in training's order
+            val = load_coco(cfg.data.val.annotations, cfg.data.val.images, filter_empty=False, is_train=False,
+                            class_names=train.class_names)
         check_same_categories(train, val)
     else:
         logger.warning("data.val is not set: training without evaluation")
