@@ -4,9 +4,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from typing import Iterator
 
 import pytest
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _detkit_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Caches (the ImageFolder scans) go to a temporary folder, not the user's ``~/.cache/detkit``;
+    subprocesses inherit it."""
+    old = os.environ.get("DETKIT_CACHE_DIR")
+    os.environ["DETKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("detkit_cache"))
+    yield
+    if old is None:
+        os.environ.pop("DETKIT_CACHE_DIR", None)
+    else:
+        os.environ["DETKIT_CACHE_DIR"] = old
 
 
 @pytest.fixture(autouse=True)

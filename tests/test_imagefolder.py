@@ -88,3 +88,29 @@ def test_corrupt_images_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture
     assert imgs.shape[0] == 3 and sk == [str(bad)]
     empty = collate_classification([None])
     assert empty[0].shape[0] == 0 and empty[2] == ["<unknown>"]
+
+
+def test_scan_is_cached_until_a_folder_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from detkit.data import imagefolder
+
+    monkeypatch.setenv("DETKIT_CACHE_DIR", str(tmp_path / "cache"))
+    root = tmp_path / "data"
+    _make(root, {"b": 2, "a": 3})
+    (root / "a" / "deep").mkdir()
+    cv2.imwrite(str(root / "a" / "deep" / "z.png"), np.zeros((4, 4, 3), np.uint8))
+    first = ImageFolderDataset(root)
+    assert [Path(p).relative_to(root).as_posix() for p, _ in first.samples] == [
+        "a/0.png", "a/1.png", "a/2.png", "a/deep/z.png", "b/0.png", "b/1.png"]
+    assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npz"))) == 1
+    scans: list = []
+    real = imagefolder._scan
+    monkeypatch.setattr(imagefolder, "_scan", lambda *a: scans.append(a) or real(*a))
+    again = ImageFolderDataset(root)
+    assert scans == [] and list(again.samples) == list(first.samples) and again.targets == first.targets
+    for changed in (root / "a" / "deep" / "new.png", root / "b" / "new.png"):  # a nested folder too
+        cv2.imwrite(str(changed), np.zeros((4, 4, 3), np.uint8))
+        ds = ImageFolderDataset(root)
+        assert str(changed) in [p for p, _ in ds.samples] and len(scans) == 1
+        assert list(ImageFolderDataset(root).samples) == list(ds.samples) and len(scans) == 1  # cached again
+        scans.clear()
+    assert ImageFolderDataset(root, classes=["b"]).targets == [0, 0, 0] and len(scans) == 1
