@@ -249,3 +249,29 @@ def test_save_quantized_is_atomic(tmp_path, monkeypatch) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["int8_observers.pt", "manifest.json"]  # no temp file
     loaded = load_quantized(tmp_path, "abc")
     assert torch.equal(loaded.observers["obs.max"], torch.tensor([2.0]))
+
+
+def test_calibration_images_come_from_every_training_file(tmp_path) -> None:
+    """Several training files (data.train lists) with different classes: calibration takes images from all
+    of them, whatever their classes (no data.class_names needed), at the Predictor's input size."""
+    import cv2
+
+    from detkit.inference.int8 import calibration_images
+
+    names = []
+    for k, cat in enumerate(("cat", "dog")):
+        folder = tmp_path / f"set{k}"
+        folder.mkdir()
+        cv2.imwrite(str(folder / "a.png"), np.full((60 + 20 * k, 80, 3), 50 * k, np.uint8))
+        coco = {"images": [{"id": 1, "file_name": "a.png", "height": 60 + 20 * k, "width": 80}],
+                "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 20], "area": 400,
+                                 "iscrowd": 0}],
+                "categories": [{"id": 1, "name": cat}]}
+        (tmp_path / f"set{k}.json").write_text(json.dumps(coco))
+        names.append((str(tmp_path / f"set{k}.json"), str(folder)))
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL_MASK_RCNN))
+    cfg = load_config(config, [f"data.train.annotations=[{names[0][0]},{names[1][0]}]",
+                               f"data.train.images=[{names[0][1]},{names[1][1]}]"])
+    images = calibration_images(cfg, 5)
+    assert sorted(int(im.mean()) for im in images) == [0, 50]  # one image of each file

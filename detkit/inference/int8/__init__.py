@@ -84,10 +84,13 @@ def calibration_images(cfg: DetectionConfig, n: int, seed: int = 0) -> list:
     if not train.annotations or not train.images:
         raise QuantizationError("calibration images come from data.train.annotations / data.train.images, "
                                 "which are not set in the config; set them or pass images")
-    records = load_coco(train.annotations, train.images, filter_empty=False, is_train=False).records
-    order = np.random.default_rng(seed).permutation(len(records))[:n]
+    # the images of every training file (several: data.train lists); their classes do not matter here
+    files = train.annotations if isinstance(train.annotations, list) else [train.annotations]
+    folders = train.images if isinstance(train.images, list) else [train.images]
+    paths = [r.path for a, d in zip(files, folders) for r in load_coco(a, d, filter_empty=False, is_train=False).records]
+    order = np.random.default_rng(seed).permutation(len(paths))[:n]
     transform = build_detection_transform(cfg.input, is_train=False)
-    return [transform(read_image(records[i].path)).image for i in sorted(order)]
+    return [transform(read_image(paths[i])).image for i in sorted(order)]
 
 
 def _int8_parts(model: nn.Module) -> nn.Module:
