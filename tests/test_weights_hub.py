@@ -16,10 +16,14 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import pytest
 import torch
 import torchvision
+import yaml
+from tiny_configs import SMALL_MASK_RCNN
 
+from detkit import Predictor
 from detkit.checkpoint import CheckpointError, load_initial_weights
 from detkit.checkpoint.hub import (
     DETECTRON2_ZOO_PREFIX,
@@ -30,6 +34,7 @@ from detkit.checkpoint.hub import (
     parse_weights_name,
 )
 from detkit.config import load_config
+from detkit.inference.runner import build_predictor
 from detkit.models import build_detector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -298,3 +303,21 @@ def test_backbone_weights_by_url_load_into_a_detector(server: tuple[str, _Files]
     (report,) = load_initial_weights(model, cfg, training=True)
     assert report.source_format == "torchvision classification" and not report.missing
     assert torch.equal(model.backbone.bottom_up.res5[1].conv2.weight, net.layer4[1].conv2.weight)
+
+
+def test_infer_tool_takes_a_url_for_weights(server: tuple[str, _Files], tmp_path: Path) -> None:
+    """``tools/infer.py --weights <URL>`` (the tools' shared Predictor builder): the named checkpoint, not random
+    weights, and the tool's "no such file" check lets a name through."""
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(SMALL_MASK_RCNN))
+    torch.manual_seed(3)
+    model = build_detector(load_config(config), 3)
+    torch.save({"model": model.state_dict()}, tmp_path / "best.pth")
+    body = (tmp_path / "best.pth").read_bytes()
+    path = "/runs/mine/best.pth"
+    server[1].files[path] = body
+    predictor = build_predictor(str(config), [], server[0] + path, "cpu", "fp32")
+    assert server[1].requests[path] == 1
+    image = np.random.default_rng(0).integers(0, 255, (96, 128, 3), dtype=np.uint8)
+    got, ref = predictor(image), Predictor(str(config), weights=str(tmp_path / "best.pth"))(image)
+    assert len(ref) > 0 and np.array_equal(got.boxes, ref.boxes) and np.array_equal(got.scores, ref.scores)
