@@ -90,7 +90,7 @@ def main() -> int:
     from detkit.machine import cpu_model_name
 
     torch.set_num_threads(1)
-    os.environ.setdefault("DETKIT_CACHE_DIR", tempfile.mkdtemp(prefix="detkit_cache_"))
+    os.environ.setdefault("DETKIT_HOME", tempfile.mkdtemp(prefix="detkit_home_"))
     cfg = load_classification_config(str(CONFIG), [f"data.train={root}", f"data.val={root}"])
     print(f"CPU: {cpu_model_name()} ({os.cpu_count()} CPUs); detkit: {sys.modules['detkit'].__file__}")
     transform = build_classification_transform(cfg.input, True, seed=0)

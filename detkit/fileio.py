@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
 
-__all__ = ["atomic_write", "write_text_atomic", "write_json_atomic"]
+__all__ = ["atomic_write", "detkit_home", "write_text_atomic", "write_json_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -60,3 +60,10 @@ def write_text_atomic(path: PathLike, text: str) -> Path:
 def write_json_atomic(path: PathLike, obj: Any, **dumps_kwargs: Any) -> Path:
     """``json.dumps(obj, **dumps_kwargs)`` written to ``path`` atomically; returns the path."""
     return write_text_atomic(path, json.dumps(obj, **dumps_kwargs))
+
+
+def detkit_home() -> Path:
+    """detkit's own folder for what it downloads and caches: ``$DETKIT_HOME``, default ``~/.cache/detkit``
+    (``weights/``: weights by name; ``imagefolder/``: folder scans)."""
+    home = os.environ.get("DETKIT_HOME", "").strip()
+    return Path(home) if home else Path(os.path.expanduser("~")) / ".cache" / "detkit"

@@ -11,16 +11,16 @@ import pytest
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _detkit_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Caches (the ImageFolder scans) go to a temporary folder, not the user's ``~/.cache/detkit``;
-    subprocesses inherit it."""
-    old = os.environ.get("DETKIT_CACHE_DIR")
-    os.environ["DETKIT_CACHE_DIR"] = str(tmp_path_factory.mktemp("detkit_cache"))
+def _detkit_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """``$DETKIT_HOME`` (the ImageFolder scans, weights by name) is a temporary folder, not the user's
+    ``~/.cache/detkit``; subprocesses inherit it."""
+    old = os.environ.get("DETKIT_HOME")
+    os.environ["DETKIT_HOME"] = str(tmp_path_factory.mktemp("detkit_home"))
     yield
     if old is None:
-        os.environ.pop("DETKIT_CACHE_DIR", None)
+        os.environ.pop("DETKIT_HOME", None)
     else:
-        os.environ["DETKIT_CACHE_DIR"] = old
+        os.environ["DETKIT_HOME"] = old
 
 
 @pytest.fixture(autouse=True)

@@ -93,7 +93,7 @@ def test_corrupt_images_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture
 def test_scan_is_cached_until_a_folder_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from detkit.data import imagefolder
 
-    monkeypatch.setenv("DETKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DETKIT_HOME", str(tmp_path / "cache"))
     root = tmp_path / "data"
     _make(root, {"b": 2, "a": 3})
     (root / "a" / "deep").mkdir()

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from ..fileio import detkit_home
 from .conventions import FAIR_X101, MSRA, TORCHVISION, InputConvention
 from .files import CheckpointError
 
@@ -100,9 +101,8 @@ def is_weights_name(source: object) -> bool:
 
 
 def cache_dir() -> Path:
-    """``$DETKIT_HOME/weights``; ``DETKIT_HOME`` defaults to ``~/.cache/detkit``."""
-    home = os.environ.get("DETKIT_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "detkit")
-    return Path(home) / "weights"
+    """``$DETKIT_HOME/weights``; ``DETKIT_HOME`` defaults to ``~/.cache/detkit`` (:func:`detkit.fileio.detkit_home`)."""
+    return detkit_home() / "weights"
 
 
 def _offline() -> bool:

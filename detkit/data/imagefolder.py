@@ -20,6 +20,7 @@ import numpy as np
 from torch import Tensor
 from torch.utils.data import Dataset, get_worker_info
 
+from ..fileio import detkit_home
 from ..machine import release_freed_memory
 from .coco import DatasetError
 from .collate import ClassificationSample, SkippedSample, collate_classification
@@ -125,7 +126,7 @@ def _scan(root: Path, classes: Optional[Sequence[str]]) -> FileTable:
 
 
 def _cache_path(root: Path, classes: Optional[Sequence[str]]) -> Path:
-    base = Path(os.environ.get("DETKIT_CACHE_DIR") or Path.home() / ".cache" / "detkit")
+    base = detkit_home()
     key = repr((_CACHE_VERSION, str(root.absolute()), list(classes) if classes is not None else None))
     return base / "imagefolder" / f"{hashlib.sha1(key.encode()).hexdigest()[:20]}.npz"
 
@@ -158,7 +159,7 @@ def scan_image_folder(root: PathLike, classes: Optional[Sequence[str]] = None, c
     """The images under ``root/<class>/`` (any depth), scanned, or read from the cache of an earlier scan
     when no folder under ``root`` has changed since.
 
-    The cache is one file per (folder, classes) under ``$DETKIT_CACHE_DIR`` (default ``~/.cache/detkit``)
+    The cache is one file per (folder, classes) under ``$DETKIT_HOME`` (default ``~/.cache/detkit``)
     ``/imagefolder/``.
 
     Args:
