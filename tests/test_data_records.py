@@ -132,3 +132,66 @@ def test_lists_from_yaml_overrides_reach_the_loader_and_the_class_resolver(tmp_p
     assert resolve_classes(cfg).names == ["cat", "dog"]
     with pytest.raises(ConfigError, match="annotations lists 2 file.s. but images 1 folder"):
         load_detection_config(DEMO, [f"data.train.annotations=[{a},{b}]", f"data.train.images=[{tmp_path}]"])
+
+
+# --------------------------------------------------------------------------- the cache of large files
+def _same_records(a, b) -> None:
+    assert len(a.records) == len(b.records) and a.class_names == b.class_names and a.category_ids == b.category_ids
+    assert a.num_dropped == b.num_dropped
+    for ra, rb in zip(a.records, b.records):
+        assert (ra.image_id, ra.file_name, ra.path, ra.height, ra.width) == (rb.image_id, rb.file_name, rb.path,
+                                                                            rb.height, rb.width)
+        np.testing.assert_array_equal(ra.boxes, rb.boxes)
+        np.testing.assert_array_equal(ra.labels, rb.labels)
+        np.testing.assert_array_equal(ra.crowd_boxes, rb.crowd_boxes)
+        assert ra.segmentations == rb.segmentations and ra.crowd_segmentations == rb.crowd_segmentations
+        assert ra.ann_ids == rb.ann_ids
+
+
+def test_large_file_is_read_back_from_its_cache_while_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """coco128 (polygons, crowd RLE, non-contiguous ids) with the size threshold at 0: the second load comes
+    from the cache and gives the same records; a changed file, a corrupt cache or DETKIT_COCO_CACHE=0 parse."""
+    from detkit.data import records_cache
+
+    root = require_coco128()
+    monkeypatch.setattr(records_cache, "MIN_CACHED_BYTES", 0)
+    monkeypatch.setenv("DETKIT_HOME", str(tmp_path / "home"))
+    ann = tmp_path / "train.json"
+    ann.write_bytes((root / "annotations.json").read_bytes())
+    args = dict(filter_empty=True, is_train=True)
+    with caplog.at_level(logging.INFO, logger="detkit"):
+        parsed = load_coco(ann, root / "images", **args)
+        assert "from the cache" not in caplog.text
+        cache = records_cache.cache_path(ann, True, True)
+        assert cache.is_file() and cache.parent == tmp_path / "home" / "coco"
+        caplog.clear()
+        cached = load_coco(ann, root / "images", **args)
+        assert "from the cache" in caplog.text
+    _same_records(parsed, cached)
+    assert len(parsed.records.crowds.labels) > 0  # the crowd RLE went through the cache too
+
+    other = load_coco(ann, root / "images", filter_empty=False, is_train=True)  # another key: parsed
+    assert len(other.records) >= len(parsed.records)
+
+    data = json.loads(ann.read_text())
+    data["annotations"] = data["annotations"][:-1]
+    ann.write_text(json.dumps(data))  # the file changes: its cache no longer applies
+    changed = load_coco(ann, root / "images", **args)
+
+    def count(d) -> int:  # instances and crowd regions
+        return len(d.records.instances.labels) + len(d.records.crowds.labels)
+
+    assert count(changed) == count(parsed) - 1
+
+    new_cache = records_cache.cache_path(ann, True, True)
+    new_cache.write_bytes(b"not an npz")
+    with caplog.at_level(logging.WARNING, logger="detkit"):
+        again = load_coco(ann, root / "images", **args)
+    assert "ignoring the unreadable cache" in caplog.text
+    _same_records(changed, again)
+
+    monkeypatch.setenv("DETKIT_COCO_CACHE", "0")
+    ann.write_text(json.dumps(data, indent=1))
+    load_coco(ann, root / "images", **args)
+    assert not records_cache.cache_path(ann, True, True).exists()

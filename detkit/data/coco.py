@@ -39,6 +39,7 @@ from ..errors import DetkitError
 from ..machine import release_freed_memory
 from .coco_annotations import build_instances, column_lists, int_id, require, validate_annotations
 from .records import ImageRecord, RecordTable, StringColumn
+from .records_cache import CachedFile, cache_path, read_cached, write_cached
 
 __all__ = [
     "DatasetError",
@@ -231,7 +232,29 @@ def _checked_images(images: list, path: Path) -> _Images:
 
 
 def _load_file(path: Path, images_dir: Path, filter_empty: bool, is_train: bool) -> CocoData:
-    """One annotation file read, validated and turned into a :class:`RecordTable` (logs one summary line)."""
+    """One annotation file read, validated and turned into a :class:`RecordTable` (logs one summary line);
+    a large file's table comes from its cache while the file is unchanged (:mod:`detkit.data.records_cache`)."""
+    cached = read_cached(path, images_dir, filter_empty, is_train)
+    how = f" (from the cache {cache_path(path, filter_empty, is_train)})" if cached is not None else ""
+    if cached is None:
+        cached = _parse_file(path, images_dir, filter_empty, is_train)
+        write_cached(path, filter_empty, is_train, cached)
+    table, cat_ids, dropped = cached.table, cached.category_ids, cached.num_dropped
+    num_instances = len(table.instances.labels)
+    drop_empty = is_train and filter_empty
+    logger.info(
+        "%s: %d images (%s), %d instances, %d crowd regions, %d classes; dropped annotations: %d bad size, "
+        "%d outside image, %d bad polygons%s",
+        path, len(table), f"{cached.num_empty} without instances {'dropped' if drop_empty else 'kept'}",
+        num_instances, len(table.crowds.labels), len(cat_ids), *dropped.values(), how,
+    )
+    return CocoData(annotations_path=str(path), images_dir=str(images_dir), records=table,
+                    class_names=cached.class_names, category_ids=cat_ids, num_dropped=dropped,
+                    sets=[CocoSet(str(path), str(images_dir), len(table), num_instances)], is_train=is_train)
+
+
+def _parse_file(path: Path, images_dir: Path, filter_empty: bool, is_train: bool) -> CachedFile:
+    """Parse and validate ``path`` into its table (the warnings name each dropped annotation)."""
     data = _read_json(path, is_train)
     names = _validate_categories(data["categories"], path)
     cat_ids = sorted(names)
@@ -262,16 +285,7 @@ def _load_file(path: Path, images_dir: Path, filter_empty: bool, is_train: bool)
         crowds=build_instances(cols, cols.crowd, image_rows, len(kept)),
         sources=[str(path)], images_dirs=[str(images_dir)])
     dropped = {"bad_size": len(cols.bad_size), "outside": len(cols.outside), "bad_polygon": len(cols.bad_polygon)}
-    num_instances = len(table.instances.labels)
-    logger.info(
-        "%s: %d images (%s), %d instances, %d crowd regions, %d classes; dropped annotations: %d bad size, "
-        "%d outside image, %d bad polygons",
-        path, len(table), f"{num_empty} without instances {'dropped' if drop_empty else 'kept'}",
-        num_instances, len(table.crowds.labels), len(cat_ids), *dropped.values(),
-    )
-    return CocoData(annotations_path=str(path), images_dir=str(images_dir), records=table,
-                    class_names=[names[c] for c in cat_ids], category_ids=cat_ids, num_dropped=dropped,
-                    sets=[CocoSet(str(path), str(images_dir), len(table), num_instances)], is_train=is_train)
+    return CachedFile(table, [names[c] for c in cat_ids], cat_ids, dropped, num_empty)
 
 
 def merge_classes(files: Sequence[tuple[str, list[str], list[int]]], class_names: Optional[Sequence[str]] = None
