@@ -116,13 +116,21 @@ def test_msra_name_loads_into_detectron2_configs(msra_file, tmp_path: Path, monk
     assert model.backbone.bottom_up.res3[0].conv1.stride == (2, 2)  # stride_in_1x1, as MSRA trained it
 
 
-def test_msra_weights_into_an_rgb_config_are_refused(msra_file, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def _msra_refusal(msra_file, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, config: Path,
+                  stride_in_1x1: bool) -> str:
+    """The one-line refusal of the MSRA name as ``model.backbone.weights`` of ``config``."""
     _place_in_cache(MSRA_NAME, msra_file[0], tmp_path, monkeypatch)
-    cfg = load_config(COCO_MASK, [f"model.backbone.weights={MSRA_NAME}", "model.backbone.stride_in_1x1=true"])
+    cfg = load_config(config, [f"model.backbone.weights={MSRA_NAME}",
+                               f"model.backbone.stride_in_1x1={str(stride_in_1x1).lower()}"])
     with pytest.raises(CheckpointError) as e:
         load_initial_weights(build_detector(cfg, 80), cfg, training=True)
-    msg = str(e.value)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def test_msra_weights_into_an_rgb_config_are_refused(msra_file, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    msg = _msra_refusal(msra_file, tmp_path, monkeypatch, COCO_MASK, stride_in_1x1=True)
     assert "\n" not in msg and "model.backbone.weights" in msg and MSRA_NAME in msg, msg
     for part in ("BGR, 0-255 minus mean [103.53, 116.28, 123.675] (std 1)", "RGB, mean [123.675, 116.28, 103.53]",
                  "model.input_format=BGR", "model.pixel_mean=[103.53,116.28,123.675]", "model.pixel_std=[1,1,1]"):
@@ -131,11 +139,8 @@ def test_msra_weights_into_an_rgb_config_are_refused(msra_file, tmp_path: Path,
 
 def test_msra_weights_without_stride_in_1x1_are_refused(msra_file, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    _place_in_cache(MSRA_NAME, msra_file[0], tmp_path, monkeypatch)
-    cfg = load_config(D2_MASK, [f"model.backbone.weights={MSRA_NAME}", "model.backbone.stride_in_1x1=false"])
-    with pytest.raises(CheckpointError) as e:
-        load_initial_weights(build_detector(cfg, 80), cfg, training=True)
-    assert "model.backbone.stride_in_1x1=true" in str(e.value) and "\n" not in str(e.value)
+    msg = _msra_refusal(msra_file, tmp_path, monkeypatch, D2_MASK, stride_in_1x1=False)
+    assert "model.backbone.stride_in_1x1=true" in msg and "\n" not in msg
 
 
 def test_unknown_caffe2_blob_is_named(msra_file, tmp_path: Path) -> None:
