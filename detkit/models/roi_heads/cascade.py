@@ -63,7 +63,7 @@ def clip_boxes(boxes: Tensor, image_size: tuple[Any, Any]) -> Tensor:
     """Clamp xyxy boxes [N, 4] into ``[0, w] x [0, h]``; ``image_size`` is (h, w), ints or (while
     tracing for export) 0-dim tensors, which stay in the graph."""
     h, w = image_size
-    limits = torch.stack([torch.as_tensor(v) for v in (w, h, w, h)]).to(dtype=boxes.dtype, device=boxes.device)
+    limits = torch.stack([torch.as_tensor(v, device=boxes.device) for v in (w, h, w, h)]).to(boxes.dtype)
     return torch.minimum(boxes.clamp(min=0), limits)
 
 
