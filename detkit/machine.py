@@ -113,6 +113,16 @@ def cpu_bf16_native() -> bool:
     return bool({"avx512_bf16", "amx_bf16", "bf16"} & cpu_flags())
 
 
+def fp16_supported(device: Union[str, torch.device] = "cpu") -> bool:
+    """Whether float16 inference runs natively (fast) on ``device``: any available CUDA GPU.
+
+    On CPUs fp16 convolutions are emulated or converted by oneDNN (slower than fp32 on the x86 CPUs
+    measured), so False; bf16 is the CPU's half precision.
+    """
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.is_available()
+
+
 def bf16_supported(device: Union[str, torch.device] = "cpu") -> bool:
     """Whether bfloat16 runs natively (fast) on ``device``.
 

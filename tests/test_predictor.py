@@ -12,6 +12,7 @@ from detkit import Predictor
 from detkit.config import load_config
 from detkit.data.transforms import build_detection_transform
 from detkit.models.build import build_detector
+from detkit.inference import optimize
 from detkit.inference.optimize import InferenceConv2d, bf16_supported
 from tiny_configs import SMALL_MASK_RCNN
 
@@ -86,33 +87,50 @@ def test_roundtrip_maps_back_to_input_size(tmp_path) -> None:
     np.testing.assert_allclose(batch[0].boxes, res.boxes, atol=1e-3)
 
 
-def test_bf16_runs_and_returns_float32(tmp_path) -> None:
-    if not bf16_supported("cpu"):
-        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16/AMX, or DETKIT_DISABLE_BF16=1): "
-                    "the Predictor would fall back to fp32, so there is no bf16 to test")
+def _check_half_precision(tmp_path, precision: str, dtype: torch.dtype) -> None:
+    """``precision`` is really in use (the stored conv weights and the features the model computes)
+    and its detections match fp32's."""
     cfg_path, weights, _ = _write(tmp_path, bias=-5.0)
     fp32 = Predictor(cfg_path, weights=weights)(_image())
-    pred = Predictor(cfg_path, weights=weights, precision="bf16")
-    # bf16 is really in use: the precision, the stored conv weights and the features the model computes
-    assert pred.precision == "bf16" and pred.model.inference_precision == "bf16"
+    pred = Predictor(cfg_path, weights=weights, precision=precision)
+    assert pred.precision == precision and pred.model.inference_precision == precision
     convs = [m for m in pred.model.modules() if isinstance(m, InferenceConv2d)]
-    assert convs and {m.weight.dtype for m in convs} == {torch.bfloat16}
+    assert convs and {m.weight.dtype for m in convs} == {dtype}
     features: list[dict[str, torch.Tensor]] = []
     pred.model.backbone.register_forward_hook(lambda module, args, out: features.append(out))
     res = pred(_image())
-    assert len(features) == 1 and {f.dtype for f in features[0].values()} == {torch.bfloat16}
+    assert len(features) == 1 and {f.dtype for f in features[0].values()} == {dtype}
     assert res.boxes.dtype == np.float32 and res.scores.dtype == np.float32
     assert len(res) > 0 and np.isfinite(res.boxes).all()
-    # Random weights give many near-tied scores, so bf16 noise may reorder them and change a few
-    # proposals: compare the detection sets, not the top one. Most bf16 detections must have a
+    # Random weights give many near-tied scores, so half-precision noise may reorder them and change
+    # a few proposals: compare the detection sets, not the top one. Most detections must have a
     # same-label fp32 twin (IoU >= 0.95) with nearly the same score.
     iou = box_iou(torch.from_numpy(res.boxes), torch.from_numpy(fp32.boxes))
     iou[torch.from_numpy(res.labels)[:, None] != torch.from_numpy(fp32.labels)[None]] = 0.0
     best, twin = iou.max(dim=1)
     matched = best >= 0.95
-    assert matched.float().mean() >= 0.6, f"only {matched.float().mean():.2f} of bf16 detections match fp32"
+    assert matched.float().mean() >= 0.6, f"only {matched.float().mean():.2f} of {precision} detections match fp32"
     score_diff = np.abs(res.scores[matched.numpy()] - fp32.scores[twin[matched].numpy()])
     assert score_diff.max() < 0.02
+
+
+def test_bf16_runs_and_returns_float32(tmp_path) -> None:
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bfloat16 (AVX512-BF16/AMX, or DETKIT_DISABLE_BF16=1): "
+                    "the Predictor would fall back to fp32, so there is no bf16 to test")
+    _check_half_precision(tmp_path, "bf16", torch.bfloat16)
+
+
+def test_fp16_the_gpu_precision_runs_where_allowed_and_falls_back_on_cpu(tmp_path, monkeypatch, caplog) -> None:
+    cfg_path, weights, _ = _write(tmp_path, bias=-5.0)
+    with caplog.at_level("WARNING", logger="detkit"):
+        pred = Predictor(cfg_path, weights=weights, precision="fp16")  # fp16 is for CUDA GPUs
+    assert pred.precision == "fp32" and "fp16 inference is for CUDA GPUs" in caplog.text
+    # the GPU's fp16 model (weights converted, fp32 islands, F.linear: oneDNN's prepacked linear has no
+    # fp16 on this CPU) through the CPU's fp16 kernels
+    monkeypatch.setattr(optimize, "fp16_supported", lambda device: True)
+    monkeypatch.setattr(optimize, "mkldnn_linear_available", lambda: False)
+    _check_half_precision(tmp_path, "fp16", torch.float16)
 
 
 def test_config_weights_default_and_loaded_config(tmp_path) -> None:

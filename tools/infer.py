@@ -87,8 +87,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="COCO annotations file whose image ids (matched by file name) --save-json uses, so "
                         "the results go straight into COCOeval with it; images it does not list get no records")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default="fp32",
-                   help="inference precision (int8: backbone + FPN quantized, calibrated on data.train; see tools/quantize.py)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default="fp32",
+                   help="inference precision (fp16: CUDA GPUs; int8: backbone + FPN quantized, calibrated on data.train; "
+                        "see tools/quantize.py)")
     p.add_argument("--resume", action="store_true",
                    help="continue a stopped run from the part files of its --save-json (<save-json>.parts/), "
                         "skipping the images already done")

@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config of the model (e.g. runs/mine/config.yaml)")
     p.add_argument("--weights", default=None, help="checkpoint file, or a name: torchvision://..., detectron2://..., "
                    "https://... (default: the config's model.weights)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "int8"], default=None,
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"], default=None,
                    help="inference precision (default: the config's test.precision)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1; 0.0.0.0: all)")

@@ -317,7 +317,7 @@ class TestConfig(_Strict):
     batch_size: int = 1
     # int8 (detkit.inference.int8, CPUs with VNNI/AMX-INT8; elsewhere the bf16/fp32 fallback): the Predictor, the tools,
     # and evaluation (eval_det and train_det calibrate on data.train, or read test.int8_quantized in eval_det)
-    precision: Literal["fp32", "bf16", "int8"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"  # fp16: CUDA GPUs (fp32 with a warning on CPU)
     # int8 (post-training static quantization of the backbone + FPN, RPN head and box FCs): images of data.train
     # calibrated on, the folder tools/quantize.py wrote (null: calibrate when the Predictor is made), and the
     # long-side steps of the padded input sizes compiled for (one static graph each, both orientations, on

@@ -23,9 +23,9 @@ logger = logging.getLogger("detkit.engine")
 def _precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    raise ValueError(f"test.precision must be 'fp32' or 'bf16' without optimize=True, got {precision!r}")
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+    raise ValueError(f"test.precision must be 'fp32', 'bf16' or 'fp16' without optimize=True, got {precision!r}")
 
 
 def same_size_groups(images: Sequence[torch.Tensor]) -> list[list[int]]:
@@ -74,7 +74,7 @@ def inference_on_dataset(
     model: nn.Module,
     data_loader: Iterable[Any],
     evaluator: Any,
-    precision: Literal["fp32", "bf16", "int8"] = "fp32",
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32",
     device: Optional[torch.device] = None,
     progress: bool = True,
     optimize: bool = False,
@@ -92,7 +92,7 @@ def inference_on_dataset(
     ``optimize=True`` evaluates a copy made by :func:`evaluation_model` in ``precision`` (what
     :class:`detkit.Predictor` runs, so ``test.precision=bf16`` or ``int8`` scores the same model users
     deploy; int8 calibrates from ``config``); the model itself is left untouched. Otherwise
-    ``precision="bf16"`` is plain autocast on the model.
+    ``precision="bf16"`` / ``"fp16"`` is plain autocast on the model.
 
     Under ``torchrun`` every process must call this with its shard of the data
     (an inference sampler); the evaluator gathers, and the metrics are returned on rank 0

@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from ..layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
 from .layers import Cast, InferenceConv2d, PackedLinear, onednn_conv_available
-from ..machine import bf16_supported, cpu_flags, mkldnn_linear_available  # (re-exported: part of this API)
+from ..machine import bf16_supported, cpu_flags, fp16_supported, mkldnn_linear_available  # (re-exported)
 from ..models.backbones.resnet import BasicBlock, Bottleneck, Stem
 from ..models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
 from ..models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
@@ -55,13 +55,14 @@ __all__ = [
 
 logger = logging.getLogger("detkit")
 
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 # --------------------------------------------------------------------------- precision
 def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") -> str:
-    """Validate ``precision``; ``"bf16"`` becomes ``"fp32"`` (with a warning) where it is not supported."""
+    """Validate ``precision``; ``"bf16"`` / ``"fp16"`` become ``"fp32"`` (with a warning) where they are not
+    native (:func:`bf16_supported`, :func:`fp16_supported`: fp16 is for GPUs)."""
     if precision == "int8":
         raise ValueError("precision 'int8' (config key test.precision) is for detkit.Predictor, tools/infer.py and "
                          "tools/serve.py (the quantized backbone of detkit.inference.int8); use fp32 or bf16 here")
@@ -72,6 +73,10 @@ def resolve_precision(precision: str, device: Union[str, torch.device] = "cpu") 
             "bf16 inference is not supported on %s (needs AVX512-BF16/AMX on CPU, or an Ampere+ GPU); "
             "running in fp32", torch.device(device)
         )
+        return "fp32"
+    if precision == "fp16" and not fp16_supported(device):
+        logger.warning("fp16 inference is for CUDA GPUs; on %s it would be emulated, slower than fp32: running in "
+                       "fp32 (bf16 is the CPU's half precision where the CPU has AVX512-BF16/AMX)", torch.device(device))
         return "fp32"
     return precision
 
@@ -371,11 +376,11 @@ def optimize_for_inference(
     Args:
         model: a detkit model (e.g. :class:`~detkit.models.detector.TwoStageDetector`, a ResNet/FPN
             backbone, a classifier) on its final device, weights loaded.
-        precision: ``"fp32"`` or ``"bf16"`` (fp32 with a warning where :func:`bf16_supported` is
-            False for the model's device).
+        precision: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (fp32 with a warning where :func:`bf16_supported` /
+            :func:`fp16_supported` is False for the model's device).
         fold_bn: fold frozen / eval-mode BatchNorms into the convolutions.
         fuse: replace convs, linears and residual blocks by the fused modules of this file
-            (needed for bf16). Without it only folding and ``channels_last`` apply.
+            (needed for bf16 / fp16). Without it only folding and ``channels_last`` apply.
         channels_last: with ``fuse=False``, convert conv weights to channels_last (fused modules
             always are).
         fast_roi_align: on CPU, pool with :class:`FastMultiScaleRoIAlign`.
@@ -392,7 +397,7 @@ def optimize_for_inference(
     device = ref.device if ref is not None else torch.device("cpu")
     precision = resolve_precision(precision, device)
     if precision != "fp32" and not fuse:
-        raise ValueError("optimize_for_inference: precision='bf16' needs fuse=True (weights are converted then)")
+        raise ValueError(f"optimize_for_inference: precision={precision!r} needs fuse=True (weights are converted then)")
     model.eval()
     model.requires_grad_(False)
     if fold_bn:

@@ -36,7 +36,7 @@ __all__ = ["Predictor", "Prediction"]
 
 logger = logging.getLogger("detkit")
 
-PRECISIONS = ("fp32", "bf16", "int8")
+PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 RUNTIMES = ("pytorch", "openvino")
 
 
@@ -105,7 +105,8 @@ class Predictor:
             (``torchvision://...``, ``detectron2://...``, ``https://...``: :mod:`detkit.checkpoint.hub`,
             downloaded once into the verified cache); default ``model.weights`` of the config.
         device: e.g. ``"cpu"``, ``"cuda"``, ``"cuda:1"``.
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"`` (see ``quantized``); default ``test.precision`` of
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` (CUDA GPUs; fp32 with a warning elsewhere) or ``"int8"``
+            (see ``quantized``); default ``test.precision`` of
             the config. bf16 stores
             weights and activations in bfloat16 with fp32 islands (RoIAlign coordinates, box
             decoding, NMS, predictors) where :func:`detkit.inference.optimize.bf16_supported` says the device
@@ -135,7 +136,7 @@ class Predictor:
         model: the :class:`TwoStageDetector` (eval mode).
         classes: the :class:`~detkit.data.classes.ClassInfo` of the model (names, category ids).
         class_names: name of each label.
-        precision: ``"fp32"``, ``"bf16"`` or ``"int8"``, the one in use.
+        precision: ``"fp32"``, ``"bf16"``, ``"fp16"`` or ``"int8"``, the one in use.
         int8_state: the :class:`~detkit.inference.int8.Int8State` with int8, else None.
         transform: the test-time transform, built from ``cfg.input`` when the Predictor is made.
     """
@@ -196,7 +197,7 @@ class Predictor:
         else:
             self._prepare_pytorch(optimize, fold_bn, quantized, calibration)
         # bf16 through autocast only for the unoptimized PyTorch model (OpenVINO picks its own precision)
-        self._autocast = self.precision == "bf16" and not optimize and self._openvino is None
+        self._autocast = self.precision in ("bf16", "fp16") and not optimize and self._openvino is None
 
     def _prepare_pytorch(self, optimize: bool, fold_bn: bool, quantized: Union[None, str, os.PathLike],
                          calibration: Union[None, int, Sequence[np.ndarray]]) -> None:
@@ -232,7 +233,8 @@ class Predictor:
 
     def _context(self) -> contextlib.AbstractContextManager:
         if self._autocast:
-            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+            return torch.autocast(device_type=self.device.type, dtype=dtype)
         return contextlib.nullcontext()
 
     def __call__(self, image: np.ndarray, masks: bool = True) -> Prediction:
