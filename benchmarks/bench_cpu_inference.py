@@ -1,7 +1,7 @@
 """CPU inference speed of Faster R-CNN R50-FPN: torchvision vs detkit fp32 vs detkit bf16, same weights.
 
 torchvision's ``fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None)`` gets reproducible
-random weights biased so that detections appear (the helper of tests/test_torchvision_parity.py,
+random weights biased so that detections appear (the parity tests' helper, tests/torchvision_reference.py,
 then a background logit of 9 so that 800 px images get tens of detections, as trained models do).
 The same state dict goes into detkit through ``Predictor(configs/torchvision/faster_rcnn_R_50_FPN.yaml,
 weights=..., precision="fp32" | "bf16")``, i.e. exactly what ``detkit.Predictor`` runs. All models see
@@ -28,10 +28,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import importlib.util
 import io
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -48,7 +46,7 @@ from torch import nn
 from torchvision.ops import box_iou
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import detkit  # noqa: E402
 from detkit import Predictor  # noqa: E402
@@ -56,6 +54,7 @@ from detkit.config import load_config  # noqa: E402
 from detkit.machine import cpu_capability, machine_info  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
 from detkit.inference.optimize import bf16_supported, optimize_for_inference  # noqa: E402
+from torchvision_reference import randomize_for_detections  # noqa: E402  (tests/: the parity tests' weights)
 
 CONFIG = ROOT / "configs/torchvision/faster_rcnn_R_50_FPN.yaml"
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128"
@@ -65,43 +64,11 @@ Det = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # boxes, scores, labels (
 
 
 # --------------------------------------------------------------------------- models and images
-@torch.no_grad()
-def _fallback_randomize(model: nn.Module, seed: int) -> None:
-    """Small stand-in for the parity tests' helper: sane BN statistics, spread RPN, confident classes."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    model.rpn.head.cls_logits.weight.normal_(0, 0.05, generator=g)
-    model.rpn.head.cls_logits.bias.normal_(0, 0.5, generator=g)
-    for fc in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):
-        fc.weight.normal_(0, math.sqrt(2.0 / fc.in_features), generator=g)
-        fc.bias.zero_()
-    pred = model.roi_heads.box_predictor
-    pred.cls_score.weight.normal_(0, 0.02, generator=g)
-    pred.cls_score.bias.normal_(0, 0.5, generator=g)
-    pred.bbox_pred.weight.normal_(0, 0.002, generator=g)
-
-
 def torchvision_model(seed: int = 0) -> nn.Module:
     """torchvision's Faster R-CNN R50-FPN v1 with reproducible, detection-producing random weights."""
     torch.manual_seed(seed)
     model = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).eval()
-    helper = ROOT / "tests/test_torchvision_parity.py"
-    randomize: Callable[[nn.Module, int], None] = _fallback_randomize
-    if helper.is_file():
-        try:
-            spec = importlib.util.spec_from_file_location("_detkit_parity_helpers", helper)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)  # type: ignore[union-attr]
-            randomize = module._randomize
-        except Exception as e:  # noqa: BLE001 - any import problem: use the local helper
-            print(f"(parity helper not importable: {e}; using the local randomizer)")
-    randomize(model, seed)
+    randomize_for_detections(model, seed)
     with torch.no_grad():
         model.roi_heads.box_predictor.cls_score.bias[0] = BACKGROUND_LOGIT  # torchvision: background first
     return model

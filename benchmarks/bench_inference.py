@@ -17,7 +17,6 @@ with ``--threads 1`` on an idle one).
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -31,11 +30,12 @@ from torchvision.models.detection.backbone_utils import _resnet_fpn_extractor
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 import detkit  # noqa: E402
 from detkit.config import load_config  # noqa: E402
 from detkit.models.build import build_detector  # noqa: E402
+from torchvision_reference import randomize_for_detections  # noqa: E402  (tests/: the parity tests' weights)
 
 COCO128 = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco128" / "images"
 
@@ -44,28 +44,6 @@ def torchvision_v1_faster_rcnn() -> FasterRCNN:
     """torchvision's fasterrcnn_resnet50_fpn exactly as built for its COCO_V1 weights (FrozenBN)."""
     body = torchvision.models.resnet50(weights=None, norm_layer=FrozenBatchNorm2d)
     return FasterRCNN(_resnet_fpn_extractor(body, 3), num_classes=91)
-
-
-@torch.no_grad()
-def randomize(model: FasterRCNN, seed: int = 0) -> None:
-    """Reproducible random weights with sane BN statistics and some confident detections."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, FrozenBatchNorm2d):
-            n = m.weight.numel()
-            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    model.rpn.head.cls_logits.weight.normal_(0, 0.05, generator=g)
-    model.rpn.head.cls_logits.bias.normal_(0, 0.5, generator=g)
-    for fc in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):
-        fc.weight.normal_(0, math.sqrt(2.0 / fc.in_features), generator=g)
-        fc.bias.zero_()
-    pred = model.roi_heads.box_predictor
-    pred.cls_score.weight.normal_(0, 0.02, generator=g)
-    pred.cls_score.bias.normal_(0, 0.5, generator=g)
-    pred.bbox_pred.weight.normal_(0, 0.002, generator=g)
 
 
 def load_images(n: int, short: int, max_size: int) -> list[torch.Tensor]:
@@ -103,7 +81,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     tv = torchvision_v1_faster_rcnn().eval()
-    randomize(tv)
+    randomize_for_detections(tv, seed=0)
     cfg = load_config(ROOT / "configs/torchvision/faster_rcnn_R_50_FPN.yaml")
     dk = build_detector(cfg, num_classes=90).eval()
     report = detkit.load_weights(dk, tv.state_dict())

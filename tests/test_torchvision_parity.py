@@ -15,7 +15,6 @@ portrait one, in one batch at short side 320.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from detkit.config import load_config
 from detkit.models.build import build_detector
 from detkit.structures import Detections
 from shared_data import coco128_root, require_coco128
+from torchvision_reference import randomize_for_detections, synthetic_image
 
 ROOT = Path(__file__).resolve().parents[1]
 COCO128 = coco128_root() / "images"
@@ -43,60 +43,12 @@ BUILDERS = {
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def _synthetic_image(h: int, w: int, seed: int) -> torch.Tensor:
-    """uint8 [3, h, w]: smoothed noise with a few flat rectangles (some structure for the features)."""
-    g = torch.Generator().manual_seed(seed)
-    img = torch.rand(1, 3, h, w, generator=g) * 255
-    img = torch.nn.functional.avg_pool2d(img, 9, 1, 4)[0]
-    for _ in range(6):
-        y0, x0 = int(torch.randint(0, h - 32, (1,), generator=g)), int(torch.randint(0, w - 32, (1,), generator=g))
-        bh, bw = int(torch.randint(24, h // 2, (1,), generator=g)), int(torch.randint(24, w // 2, (1,), generator=g))
-        img[:, y0 : y0 + bh, x0 : x0 + bw] = torch.rand(3, 1, 1, generator=g) * 255
-    return img.round().clamp(0, 255).to(torch.uint8)
-
-
-@torch.no_grad()
-def _randomize(model: nn.Module, seed: int) -> None:
-    """Reproducible random weights under which torchvision's model produces varied detections."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):  # eval mode: acts like FrozenBN with these statistics
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) * 0.5 + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    head = model.rpn.head
-    head.cls_logits.weight.normal_(0, 0.05, generator=g)  # spread objectness: no near-ties in top-k
-    head.cls_logits.bias.normal_(0, 0.5, generator=g)
-    head.bbox_pred.weight.normal_(0, 0.01, generator=g)
-    for fc in (model.roi_heads.box_head.fc6, model.roi_heads.box_head.fc7):
-        fc.weight.normal_(0, math.sqrt(2.0 / fc.in_features), generator=g)
-        fc.bias.zero_()
-    pred = model.roi_heads.box_predictor
-    pred.cls_score.weight.normal_(0, 0.3, generator=g)
-    pred.bbox_pred.weight.normal_(0, 0.002, generator=g)
-    # Center the classifier on the mean box feature of a small calibration image, so that class
-    # scores depend on the RoI instead of one class winning everywhere; then bias the background.
-    feats: list[torch.Tensor] = []
-    hook = model.roi_heads.box_head.register_forward_hook(lambda m, i, o: feats.append(o))
-    model.eval()
-    model.transform.min_size, model.transform.max_size = (128,), 1333
-    model([_synthetic_image(128, 160, seed).float() / 255])
-    hook.remove()
-    mu = feats[0].mean(0)
-    w = pred.cls_score.weight
-    w -= (w @ mu)[:, None] * mu[None, :] / mu.dot(mu)
-    pred.cls_score.bias.normal_(0, 0.5, generator=g)
-    pred.cls_score.bias[0] = 12.0
-
-
 @pytest.fixture(scope="module", params=["faster", "mask"])
 def models(request):
     arch = request.param
     torch.manual_seed(0)
     tv = BUILDERS[arch](weights=None, weights_backbone=None).eval()
-    _randomize(tv, seed=0)
+    randomize_for_detections(tv, seed=0)
     cfg = load_config(ROOT / f"configs/torchvision/{arch}_rcnn_R_50_FPN.yaml")
     dk = build_detector(cfg, num_classes=90).eval()
     report = detkit.load_weights(dk, tv.state_dict())
@@ -164,7 +116,7 @@ def _check(models, images: list[torch.Tensor], tag: str) -> None:
 
 def test_parity_synthetic_small(models) -> None:
     # two images of different sizes in one batch: exercises padding and per-image clipping
-    _check(models, [_synthetic_image(320, 416, seed=1), _synthetic_image(320, 352, seed=2)], "synthetic")
+    _check(models, [synthetic_image(320, 416, seed=1), synthetic_image(320, 352, seed=2)], "synthetic")
 
 
 def _coco128_images(indices: list[int], short: int, max_long: int = 1333) -> list[torch.Tensor]:
