@@ -11,6 +11,8 @@ Runtimes (all on the same weights and images, one process, one image per call):
   ov-fp32 / ov-bf16           OpenVINO (the ``[openvino]`` extra) on the same ONNX file, compiled with
                               ``INFERENCE_PRECISION_HINT`` f32 / bf16 (bf16 only where the CPU has it;
                               OpenVINO's own default on such CPUs is bf16, so an unset hint is not fp32).
+  ov-default                  OpenVINO compiled with no settings at all (no precision, thread or
+                              performance hint): what a user who calls ``compile_model(model, "CPU")`` gets.
 
 The exported graph is the detector's own ``predict`` (see :mod:`detkit.export`), fed the image the
 Predictor's test transform produces; its boxes are scaled back to the input image like the
@@ -29,7 +31,7 @@ Two parts:
   difference to detkit-fp32, and s/img on those images.
 
     python benchmarks/bench_runtimes.py [--images 4] [--repeats 2] [--threads N] [--rss] [--int8]
-        [--runtimes detkit-fp32,detkit-bf16,ort-fp32,ov-fp32,ov-bf16]
+        [--runtimes detkit-fp32,detkit-bf16,ort-fp32,ov-fp32,ov-bf16,ov-default]
         [--trained output/demo/config.yaml output/demo/checkpoints/last.pth [--ap-images 50]]
 """
 
@@ -59,7 +61,7 @@ from detkit.config import load_config  # noqa: E402
 from detkit.export import export_onnx  # noqa: E402
 from detkit.machine import bf16_supported, cpu_flags, cpu_model_name, cpu_speed_flags  # noqa: E402
 
-ALL_RUNTIMES = ("detkit-fp32", "detkit-bf16", "detkit-int8", "ort-fp32", "ov-fp32", "ov-bf16",
+ALL_RUNTIMES = ("detkit-fp32", "detkit-bf16", "detkit-int8", "ort-fp32", "ov-fp32", "ov-bf16", "ov-default",
                 "detkit-fp32-aten", "detkit-bf16-aten", "detkit-fp32-onednn", "detkit-bf16-onednn")
 
 
@@ -111,10 +113,11 @@ def openvino_call(onnx_path: Path, threads: int, precision: str) -> Callable[[np
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", {
+    settings = {} if precision == "default" else {  # "default": OpenVINO's own choices, as a user gets them
         "INFERENCE_PRECISION_HINT": {"fp32": "f32", "bf16": "bf16"}[precision],
         "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY",
-    })
+    }
+    compiled = core.compile_model(core.read_model(str(onnx_path)), "CPU", settings)
     request = compiled.create_infer_request()
 
     def call(x: np.ndarray) -> list[np.ndarray]:
@@ -370,7 +373,7 @@ def main() -> None:
     p.add_argument("--images", type=int, default=4, help="coco128 images in the speed part (default 4)")
     p.add_argument("--repeats", type=int, default=2, help="timed rounds over the images (default 2)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads for every runtime")
-    p.add_argument("--runtimes", default="detkit-fp32,detkit-bf16,ort-fp32,ov-fp32,ov-bf16",
+    p.add_argument("--runtimes", default="detkit-fp32,detkit-bf16,ort-fp32,ov-fp32,ov-bf16,ov-default",
                    help=f"comma-separated subset of {', '.join(ALL_RUNTIMES)}")
     p.add_argument("--int8", action="store_true", help="add detkit-int8 (Predictor precision='int8')")
     p.add_argument("--conv-kernels", action="store_true",
