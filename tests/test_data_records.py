@@ -195,3 +195,30 @@ def test_large_file_is_read_back_from_its_cache_while_unchanged(tmp_path: Path, 
     ann.write_text(json.dumps(data, indent=1))
     load_coco(ann, root / "images", **args)
     assert not records_cache.cache_path(ann, True, True).exists()
+
+
+def test_parsing_pauses_the_garbage_collector_and_restores_it(tmp_path: Path, monkeypatch) -> None:
+    """A large file's millions of fresh (acyclic) objects parse without the cyclic collector running over them
+    again and again; its state is restored after, on success and on error."""
+    import gc
+
+    import detkit.data.coco as coco
+
+    seen = []
+    validate = coco.validate_annotations
+    monkeypatch.setattr(coco, "validate_annotations", lambda *a, **k: seen.append(gc.isenabled()) or validate(*a, **k))
+    path = _file(tmp_path, "a.json", [(1, "cat")], [(1, 1)])
+    assert gc.isenabled()
+    load_coco(path, tmp_path, filter_empty=False, is_train=True)
+    assert seen == [False] and gc.isenabled()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"images": [], "categories": [], "annotations": []}')
+    with pytest.raises(DatasetError, match="categories"):
+        load_coco(bad, tmp_path, filter_empty=False, is_train=True)
+    assert gc.isenabled()
+    gc.disable()
+    try:  # a caller's disabled collector stays disabled
+        load_coco(path, tmp_path, filter_empty=False, is_train=True)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
