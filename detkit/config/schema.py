@@ -114,6 +114,9 @@ class BoxHeadConfig(_Strict):
     cls_agnostic_bbox_reg: bool = False
     bbox_reg_weights: tuple[float, float, float, float] = (10.0, 10.0, 5.0, 5.0)
     smooth_l1_beta: float = 0.0  # 0.0 means plain L1
+    # the FCs' initialization (FastRCNNConvFCHead): c2_xavier (Detectron2's XavierFill) or pytorch (nn.Linear's
+    # defaults, torchvision's); training only: loaded weights replace either
+    fc_init: Literal["c2_xavier", "pytorch"] = "c2_xavier"
 
 
 class MaskHeadConfig(_Strict):

@@ -100,7 +100,8 @@ def _box_head(cfg: ModelConfig, in_channels: int) -> FastRCNNConvFCHead:
         conv_dims, fc_dims = (), (h.fc_dim, h.fc_dim)
     else:  # "4conv1fc"
         conv_dims, fc_dims = (h.conv_dim,) * 4, (h.fc_dim,)
-    return FastRCNNConvFCHead(in_channels, h.pooler_resolution, conv_dims=conv_dims, fc_dims=fc_dims, norm=h.norm)
+    return FastRCNNConvFCHead(in_channels, h.pooler_resolution, conv_dims=conv_dims, fc_dims=fc_dims, norm=h.norm,
+                              fc_init=h.fc_init)
 
 
 def build_roi_heads(

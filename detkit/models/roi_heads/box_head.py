@@ -26,6 +26,9 @@ if TYPE_CHECKING:  # only for annotations; the coder is passed in by the caller
 __all__ = ["FastRCNNConvFCHead", "FastRCNNPredictor", "fast_rcnn_losses", "fast_rcnn_inference"]
 
 
+FC_INITS = ("c2_xavier", "pytorch")
+
+
 class FastRCNNConvFCHead(nn.Module):
     """Convs then fully-connected layers on pooled RoI features (each followed by ReLU).
 
@@ -38,6 +41,10 @@ class FastRCNNConvFCHead(nn.Module):
         conv_dims: output channels of each 3x3 conv (``convs.{i}``).
         fc_dims: output size of each Linear (``fcs.{i}``).
         norm: :func:`detkit.layers.get_norm` name used in the convs ("" or "GN" typically).
+        fc_init: the FCs' initialization: ``"c2_xavier"`` (Caffe2's XavierFill as in Detectron2: uniform
+            with bound ``sqrt(3 / fan_in)``, zero bias) or ``"pytorch"`` (``nn.Linear``'s defaults, as in
+            torchvision: bound ``1 / sqrt(fan_in)``, a third of the variance, bias too). The convs are
+            Kaiming (fan-out) in both.
 
     Attributes:
         output_dim: size of the output feature vector.
@@ -50,8 +57,11 @@ class FastRCNNConvFCHead(nn.Module):
         conv_dims: Sequence[int] = (),
         fc_dims: Sequence[int] = (1024, 1024),
         norm: str = "",
+        fc_init: str = "c2_xavier",
     ) -> None:
         super().__init__()
+        if fc_init not in FC_INITS:
+            raise ValueError(f"FastRCNNConvFCHead: fc_init must be one of {FC_INITS}, got {fc_init!r}")
         if len(conv_dims) + len(fc_dims) == 0:
             raise ValueError("FastRCNNConvFCHead: conv_dims and fc_dims are both empty; give at least one layer.")
         self.convs = nn.ModuleList()
@@ -70,9 +80,12 @@ class FastRCNNConvFCHead(nn.Module):
             nn.init.kaiming_normal_(block.conv.weight, mode="fan_out", nonlinearity="relu")
             if block.conv.bias is not None:
                 nn.init.zeros_(block.conv.bias)
-        for fc in self.fcs:  # Caffe2 "XavierFill" as in Detectron2: uniform, a=1
-            nn.init.kaiming_uniform_(fc.weight, a=1)
-            nn.init.zeros_(fc.bias)
+        for fc in self.fcs:
+            if fc_init == "c2_xavier":  # Caffe2 "XavierFill" as in Detectron2: uniform, a=1
+                nn.init.kaiming_uniform_(fc.weight, a=1)
+                nn.init.zeros_(fc.bias)
+            else:  # nn.Linear's defaults, drawn after the convs' init as XavierFill is
+                fc.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
         """[R, C, S, S] pooled features -> [R, output_dim]."""
@@ -93,7 +106,8 @@ class FastRCNNPredictor(nn.Module):
         num_classes: K foreground classes.
         cls_agnostic: one box regression for all classes (``bbox_pred`` outputs 4) instead of 4K.
 
-    Init as torchvision/Detectron2: weights normal with std 0.01 (classes) and 0.001 (boxes), zero bias.
+    Init as Detectron2: weights normal with std 0.01 (classes) and 0.001 (boxes), zero bias (torchvision
+    keeps ``nn.Linear``'s defaults here; on the shapes set that trained worse: docs/recipe.md).
     """
 
     def __init__(self, in_dim: int, num_classes: int, cls_agnostic: bool = False) -> None:
