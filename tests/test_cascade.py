@@ -39,7 +39,9 @@ DEMO = ROOT / "configs" / "demo" / "shapes_mask_rcnn_R_18_FPN.yaml"
 K = 3
 IOUS = (0.5, 0.6, 0.7)
 WEIGHTS = ((10.0, 10.0, 5.0, 5.0), (20.0, 20.0, 10.0, 10.0), (30.0, 30.0, 15.0, 15.0))
-CASCADE = ["model.roi_heads.name=cascade", "model.roi_heads.box_head.cls_agnostic_bbox_reg=true"]
+# the Cascade configs' box head (class-agnostic regression, XavierFill FCs) on the demo config
+CASCADE = ["model.roi_heads.name=cascade", "model.roi_heads.box_head.cls_agnostic_bbox_reg=true",
+           "model.roi_heads.box_head.fc_init=c2_xavier"]
 TINY = [
     "model.fpn.out_channels=16", "model.roi_heads.box_head.fc_dim=32", "model.roi_heads.mask_head.conv_dim=16",
     "model.roi_heads.mask_head.num_conv=1", "model.rpn.pre_nms_topk_train=200", "model.rpn.post_nms_topk_train=100",

@@ -153,7 +153,7 @@ def test_clear_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="expects a list"):
         pred.predict(_image())
     with pytest.raises(ValueError, match="precision must be one of"):
-        Predictor(cfg_path, weights=weights, precision="fp16")
+        Predictor(cfg_path, weights=weights, precision="fp8")
     no_names = {**SMALL_MASK_RCNN, "data": {}}
     path = tmp_path / "nonames.yaml"
     path.write_text(yaml.safe_dump(no_names))

@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("field,value,flag", [("max_batch", 0, "--max-batch"), ("max_wait_ms", -1.0, "--max-wait-ms"),
                                               ("queue_size", 0, "--queue-size"), ("max_bytes", 0, "--max-bytes"),
                                               ("max_pixels", -5, "--max-pixels"), ("port", 70000, "--port"),
-                                              ("precision", "fp16", "--precision")])
+                                              ("precision", "fp8", "--precision")])
 def test_bad_options_are_one_line_usage_errors(field: str, value: Any, flag: str) -> None:
     with pytest.raises(UsageError, match=re.escape(flag)):
         ServeOptions(**{field: value}).validate()

@@ -116,7 +116,8 @@ def test_bf16_supported_returns_bool_and_can_be_disabled(monkeypatch) -> None:
     assert bf16_supported("cpu") is False
     assert resolve_precision("bf16", "cpu") == "fp32"
     with pytest.raises(ValueError, match="test.precision"):
-        resolve_precision("fp16", "cpu")
+        resolve_precision("fp8", "cpu")
+    assert resolve_precision("fp16", "cpu") == "fp32"  # the GPUs' half precision: emulated on a CPU
 
 
 def test_fp32_fallback_when_bf16_unsupported(monkeypatch, caplog, tmp_path) -> None:

@@ -33,7 +33,7 @@ class ServeOptions:
             only shown by ``GET /v1/model``).
         weights: checkpoint or state dict file; None: the config's ``model.weights``.
         device: ``cpu``, ``cuda`` or ``cuda:N``.
-        precision: ``fp32`` or ``bf16``; None: the config's ``test.precision``.
+        precision: ``fp32``, ``bf16``, ``fp16`` (GPUs) or ``int8``; None: the config's ``test.precision``.
         host, port: where to listen (port 0: any free port).
         max_batch: most images in one forward pass (1: no batching).
         max_wait_ms: how long a batch waits for more images after its first one.

@@ -63,8 +63,9 @@ def clip_boxes(boxes: Tensor, image_size: tuple[Any, Any]) -> Tensor:
     """Clamp xyxy boxes [N, 4] into ``[0, w] x [0, h]``; ``image_size`` is (h, w), ints or (while
     tracing for export) 0-dim tensors, which stay in the graph."""
     h, w = image_size
-    limits = torch.stack([torch.as_tensor(v, device=boxes.device) for v in (w, h, w, h)]).to(boxes.dtype)
-    return torch.minimum(boxes.clamp(min=0), limits)
+    # traced sizes stay the graph's tensors; plain ints become tensors on the boxes' device
+    limits = torch.stack([v if isinstance(v, Tensor) else torch.tensor(v, device=boxes.device) for v in (w, h, w, h)])
+    return torch.minimum(boxes.clamp(min=0), limits.to(dtype=boxes.dtype, device=boxes.device))
 
 
 def _split(x: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
