@@ -46,9 +46,8 @@ def assign_boxes_to_levels(
     """
     wh = boxes[:, 2:] - boxes[:, :2]
     box_sizes = torch.sqrt(wh[:, 0] * wh[:, 1])
-    levels = torch.floor(
-        canonical_level + torch.log2(box_sizes / canonical_box_size) + torch.tensor(_LEVEL_EPS, dtype=box_sizes.dtype, device=box_sizes.device)
-    )
+    eps = torch.tensor(_LEVEL_EPS, dtype=box_sizes.dtype, device=box_sizes.device)
+    levels = torch.floor(canonical_level + torch.log2(box_sizes / canonical_box_size) + eps)
     levels = torch.clamp(levels, min=min_level, max=max_level)
     return levels.to(torch.int64) - min_level
 
