@@ -29,10 +29,8 @@ Example::
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
-import sys
 from typing import Any, Callable, Optional, Union
 
 import torch
@@ -40,7 +38,8 @@ from torch import Tensor, nn
 
 from ..layers import ConvNormAct, FrozenBatchNorm2d, fold_frozen_bn
 from .layers import Cast, InferenceConv2d, PackedLinear, onednn_conv_available
-from ..machine import bf16_supported, cpu_flags, fp16_supported, mkldnn_linear_available  # (re-exported)
+from ..machine import (bf16_supported, cpu_flags, fp16_supported, mkldnn_linear_available,  # (re-exported)
+                       release_freed_memory)
 from ..models.backbones.resnet import BasicBlock, Bottleneck, Stem
 from ..models.poolers import MultiScaleRoIAlign, assign_boxes_to_levels, convert_boxes_to_rois
 from ..models.roi_heads import CascadeROIHeads, FastRCNNConvFCHead, FastRCNNPredictor, StandardROIHeads
@@ -352,15 +351,6 @@ def choose_conv_kernel(precision: str, requested: str = "auto") -> str:
     return requested
 
 
-def _release_freed_memory() -> None:
-    """Hand freed heap pages (the replaced weights) back to the OS (glibc), so they do not stay resident."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
 def optimize_for_inference(
     model: nn.Module,
     precision: str = "fp32",
@@ -410,5 +400,5 @@ def optimize_for_inference(
     elif channels_last:
         model.to(memory_format=torch.channels_last)
     model.inference_precision = precision
-    _release_freed_memory()
+    release_freed_memory()  # the replaced weights' pages, back to the OS
     return model
