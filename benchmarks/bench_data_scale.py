@@ -110,6 +110,8 @@ def measure(out: Path, iters: int, every: int, workers: int) -> None:
     load_s = times[1]
     print(f"load_coco: {times[0]:.1f} s parsing the file, {times[1]:.1f} s from its cache; {len(data)} images; "
           f"PSS after loading: {pss_mib(os.getpid()):.0f} MiB")
+    if iters <= 0:  # --iters 0: the load only
+        return
     loader = build_train_loader(cfg, data, 0)
     it = iter(loader)
     pids = [w.pid for w in getattr(it, "_workers", [])]
@@ -141,7 +143,7 @@ def main() -> int:
     p.add_argument("--images", type=int, default=118_287, help="images in the file (default: train2017's 118,287)")
     p.add_argument("--annotations", type=int, default=None,
                    help="polygon annotations (default: 818,000 scaled to --images)")
-    p.add_argument("--iters", type=int, default=6000, help="loader iterations (default 6000)")
+    p.add_argument("--iters", type=int, default=6000, help="loader iterations (default 6000; 0: the load only)")
     p.add_argument("--every", type=int, default=200, help="print PSS every N iterations (default 200)")
     p.add_argument("--workers", type=int, default=4, help="dataloader.num_workers (default 4)")
     p.add_argument("--work-dir", default="/tmp/detkit_bench_data_scale", help="where the file is written")

@@ -38,7 +38,8 @@ from pycocotools.coco import COCO
 
 from ..errors import DetkitError
 from ..machine import release_freed_memory
-from .coco_annotations import build_instances, column_lists, int_id, require, validate_annotations
+from .coco_annotations import Fields, build_instances, column_lists, int_id, read_fields, require, validate_annotations
+from .coco_parallel import MIN_PARALLEL_BYTES, parse_in_parts
 from .records import ImageRecord, RecordTable, StringColumn
 from .records_cache import CachedFile, cache_path, read_cached, write_cached
 
@@ -104,7 +105,8 @@ class CocoData:
             raise DatasetError(f"{self.annotations_path}: an evaluation index is built for one annotation file; "
                                "evaluate on a single data.val file")
         coco = COCO()
-        coco.dataset = _read_json(Path(self.annotations_path), self.is_train)
+        path = Path(self.annotations_path)
+        coco.dataset = _check_top_level(_decode(_read_bytes(path), path), path, self.is_train)
         with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
             coco.createIndex()
         return coco
@@ -140,24 +142,32 @@ def _no_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _read_json(path: Path, is_train: bool) -> dict:
-    """The JSON object of ``path`` with 'images', 'categories' (non-empty) and 'annotations' lists.
-
-    A file without 'annotations' gets an empty list (in place) when it is not a training file.
-    """
+def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
         raise _fail(path, "annotation file not found; check data.*.annotations")
     try:
-        raw = path.read_bytes()
+        return path.read_bytes()
+    except OSError as e:
+        raise _fail(path, f"cannot read annotation file ({e})") from None
+
+
+def _decode(raw: bytes, path: Path) -> Any:
+    try:
         try:
-            data = orjson.loads(raw)  # 2x json's speed on COCO files (docs/data.md)
+            return orjson.loads(raw)  # 2x json's speed on COCO files (docs/data.md)
         except orjson.JSONDecodeError:  # NaN literals (json.dump writes them), or a real error to report
-            data = json.loads(raw.decode("utf-8"))
-        del raw
+            return json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as e:
         raise _fail(path, f"malformed JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise _fail(path, f"cannot read annotation file ({e})") from None
+
+
+def _check_top_level(data: Any, path: Path, is_train: bool) -> dict:
+    """``data`` once it is an object with 'images', 'categories' (non-empty) and 'annotations' lists.
+
+    A file without 'annotations' gets an empty list (in place) when it is not a training file.
+    """
     if not isinstance(data, dict):
         raise _fail(path, f"top level must be a JSON object with 'images', 'annotations', 'categories', got {type(data).__name__}")
     require(data, ["images", "categories"], path, "the top-level object")
@@ -171,6 +181,26 @@ def _read_json(path: Path, is_train: bool) -> dict:
     if not data["categories"]:
         raise _fail(path, "'categories' is empty; define at least one category")
     return data
+
+
+def _read_file(path: Path, is_train: bool) -> tuple[dict, Fields]:
+    """The checked top-level object of ``path`` and the fields of its annotations.
+
+    A large file's annotations are read by several processes (:mod:`detkit.data.coco_parallel`)."""
+    raw = _read_bytes(path)
+    parsed = parse_in_parts(raw, _parse_processes()) if len(raw) >= MIN_PARALLEL_BYTES else None
+    if parsed is not None:
+        return _check_top_level(parsed.data, path, is_train), parsed.fields
+    data = _check_top_level(_decode(raw, path), path, is_train)
+    del raw
+    fields = read_fields(data["annotations"], path)
+    data["annotations"] = []
+    return data, fields
+
+
+def _parse_processes() -> int:
+    """Processes for one file: the CPUs this process may run on, at most 8."""
+    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
 
 
 def _positive_size(value: Any, path: PathLike, where: str, key: str) -> int:
@@ -273,14 +303,15 @@ def _parse_file(path: Path, images_dir: Path, filter_empty: bool, is_train: bool
 
 
 def _parse_file_objects(path: Path, images_dir: Path, filter_empty: bool, is_train: bool) -> CachedFile:
-    data = _read_json(path, is_train)
+    data, fields = _read_file(path, is_train)
     names = _validate_categories(data["categories"], path)
     cat_ids = sorted(names)
     images = _fast_images(data["images"]) or _checked_images(data["images"], path)
-    num_annotations = len(data["annotations"])
-    cols = validate_annotations(data["annotations"], path, images.ids, images.widths, images.heights,
-                                {c: i for i, c in enumerate(cat_ids)})
     del data
+    num_annotations = len(fields.ids)
+    cols = validate_annotations(fields, path, images.ids, images.widths, images.heights,
+                                {c: i for i, c in enumerate(cat_ids)})
+    del fields
     release_freed_memory()  # the file's Python objects: gone from the heap before the workers fork
     n = len(images.ids)
     has_instances = np.bincount(cols.image_index[~cols.crowd], minlength=n) > 0

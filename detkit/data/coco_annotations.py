@@ -22,7 +22,8 @@ import numpy as np
 
 from .records import SEG_NONE, SEG_POLYGONS, SEG_RLE, InstanceColumns, StringColumn, _offsets, _ranges
 
-__all__ = ["AnnotationColumns", "validate_annotations", "build_instances", "column_lists"]
+__all__ = ["AnnotationColumns", "Fields", "read_fields", "fast_fields", "concat_fields", "validate_annotations",
+           "build_instances", "column_lists"]
 
 logger = logging.getLogger("detkit")
 _MAX_IDS_SHOWN = 5
@@ -83,16 +84,26 @@ class AnnotationColumns:
 
 
 @dataclass
-class _Fields:
-    """The raw fields of every annotation (file order): int64 [A] ids, image_ids, category_ids;
-    float64 [A, 4] bboxes (x, y, w, h); bool [A] crowd; the A segmentations as read."""
+class Fields:
+    """The raw fields of every annotation (file order), before the rules are applied.
+
+    Attributes:
+        ids, image_ids, category_ids: int64 [A].
+        bboxes: float64 [A, 4] (x, y, w, h) as written; NaN for a null.
+        crowd: bool [A].
+        seg_kind: uint8 [A] ``records.SEG_*``, or 255 for a segmentation that is neither polygons nor RLE.
+        polygons: the polygons of the annotations whose kind is ``SEG_POLYGONS``, in file order.
+        rle: [A] the JSON text of each RLE segmentation, else "".
+    """
 
     ids: np.ndarray
     image_ids: np.ndarray
     category_ids: np.ndarray
     bboxes: np.ndarray
     crowd: np.ndarray
-    segs: list[Any]
+    seg_kind: np.ndarray
+    polygons: "_Polygons"
+    rle: list[str]
 
 
 def column_lists(entries: list, keys: Sequence[str]) -> Optional[list[list]]:
@@ -103,14 +114,12 @@ def column_lists(entries: list, keys: Sequence[str]) -> Optional[list[list]]:
         return None
 
 
-def _fast_fields(anns: list) -> Optional[_Fields]:
+def fast_fields(anns: list) -> Optional[Fields]:
     """The fields by whole columns, or None when an entry needs the one-by-one check."""
     cols = column_lists(anns, ["id", "image_id", "category_id", "bbox"])
     if cols is None:
         return None
     ids, image_ids, cat_ids, bboxes = cols
-    crowd = [bool(a.get("iscrowd", 0)) for a in anns]
-    segs = [a.get("segmentation") for a in anns]
     if not set(map(type, itertools.chain(ids, image_ids, cat_ids))) <= {int}:
         return None
     try:
@@ -122,11 +131,11 @@ def _fast_fields(anns: list) -> Optional[_Fields]:
     for r in np.flatnonzero(~np.isfinite(boxes).all(axis=1)):  # null reads as NaN: leave it to the check
         if not all(type(v) in (int, float) for v in bboxes[r]):
             return None
-    return _Fields(np.array(ids, np.int64), np.array(image_ids, np.int64), np.array(cat_ids, np.int64), boxes,
-                   np.array(crowd, bool), segs)
+    return _with_segmentations(np.array(ids, np.int64), np.array(image_ids, np.int64), np.array(cat_ids, np.int64),
+                               boxes, anns)
 
 
-def _checked_fields(anns: list, path: Path) -> _Fields:
+def _checked_fields(anns: list, path: Path) -> Fields:
     """The fields entry by entry; the first bad entry is a one-line DatasetError naming it."""
     ids, image_ids, cat_ids, boxes = [], [], [], []
     for i, ann in enumerate(anns):
@@ -143,9 +152,36 @@ def _checked_fields(anns: list, path: Path) -> _Fields:
         except (TypeError, ValueError):
             raise _fail(path, f"annotation id {aid} has non-numeric bbox {bbox!r}") from None
         ids.append(aid)
-    return _Fields(np.array(ids, np.int64), np.array(image_ids, np.int64), np.array(cat_ids, np.int64),
-                   np.array(boxes, np.float64).reshape(-1, 4), np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
-                   [a.get("segmentation") for a in anns])
+    return _with_segmentations(np.array(ids, np.int64), np.array(image_ids, np.int64), np.array(cat_ids, np.int64),
+                               np.array(boxes, np.float64).reshape(-1, 4), anns)
+
+
+def read_fields(anns: list, path: Path) -> Fields:
+    """The fields of the annotations ``anns`` of ``path``; the first bad entry is a one-line DatasetError."""
+    return fast_fields(anns) or _checked_fields(anns, path)
+
+
+def _with_segmentations(ids: np.ndarray, image_ids: np.ndarray, category_ids: np.ndarray, bboxes: np.ndarray,
+                        anns: list) -> Fields:
+    """:class:`Fields` from the columns read so far and the annotations' ``iscrowd`` and ``segmentation``."""
+    segs = [a.get("segmentation") for a in anns]
+    kind = np.fromiter((SEG_POLYGONS if type(s) is list else SEG_NONE if s is None else
+                        SEG_RLE if isinstance(s, dict) and "counts" in s and "size" in s else 255 for s in segs),
+                       np.uint8, len(segs))
+    rle = [""] * len(segs)
+    for k in np.flatnonzero(kind == SEG_RLE).tolist():
+        rle[k] = json.dumps(segs[k])
+    return Fields(ids, image_ids, category_ids, bboxes, np.array([bool(a.get("iscrowd", 0)) for a in anns], bool),
+                  kind, _polygons([segs[k] for k in np.flatnonzero(kind == SEG_POLYGONS).tolist()]), rle)
+
+
+def concat_fields(parts: Sequence[Fields]) -> Fields:
+    """The fields of consecutive slices of one file's annotations, as one."""
+    return Fields(*(np.concatenate([getattr(f, k) for f in parts]) for k in
+                    ("ids", "image_ids", "category_ids", "bboxes", "crowd", "seg_kind")),
+                  _Polygons(*(np.concatenate([getattr(f.polygons, k) for f in parts]) for k in
+                              ("per_seg", "ok", "coords", "lens"))),
+                  list(itertools.chain.from_iterable(f.rle for f in parts)))
 
 
 def _first_undefined(values: np.ndarray, defined: np.ndarray) -> Optional[int]:
@@ -205,11 +241,11 @@ def _polygons(segs: list[list]) -> _Polygons:
     return _Polygons(per_seg, ok, coords, lens)
 
 
-def validate_annotations(anns: list, path: Path, image_ids: np.ndarray, widths: np.ndarray, heights: np.ndarray,
+def validate_annotations(f: Fields, path: Path, image_ids: np.ndarray, widths: np.ndarray, heights: np.ndarray,
                          cat_to_label: dict[int, int]) -> AnnotationColumns:
-    """Check every annotation of ``path`` against its images (int64 [N] ids, sizes in pixels, file order)
-    and categories; drop the unusable ones with one warning per rule; raise on undefined ids."""
-    f = _fast_fields(anns) or _checked_fields(anns, path)
+    """Check the annotation fields ``f`` of ``path`` (:func:`read_fields`) against its images (int64 [N]
+    ids, sizes in pixels, file order) and categories; drop the unusable ones with one warning per rule;
+    raise on undefined ids."""
     cat_sorted = np.array(sorted(cat_to_label), np.int64)
     bad = _first_undefined(f.category_ids, cat_sorted)
     if bad is not None:
@@ -226,34 +262,29 @@ def validate_annotations(anns: list, path: Path, image_ids: np.ndarray, widths: 
         x1, y1 = np.maximum(x, 0.0), np.maximum(y, 0.0)
         x2, y2 = np.minimum(x + w, widths[image_index]), np.minimum(y + h, heights[image_index])
         outside = ~bad_size & ((x2 <= x1) | (y2 <= y1))
-    rows = np.flatnonzero(~bad_size & ~outside)
-    segs = [f.segs[r] for r in rows]
-    kind = np.fromiter((SEG_POLYGONS if type(s) is list else SEG_NONE if s is None else
-                        SEG_RLE if isinstance(s, dict) and "counts" in s and "size" in s else 255 for s in segs),
-                       np.uint8, len(segs))
-    if (kind == 255).any():
-        aid = f.ids[rows[int(np.argmax(kind == 255))]]
-        raise _fail(path, f"annotation id {aid} has a segmentation that is neither polygons nor RLE")
-    is_poly = np.flatnonzero(kind == SEG_POLYGONS)
-    pg = _polygons([segs[k] for k in is_poly])
-    per_seg, poly_ok, coords, lens = pg.per_seg, pg.ok, pg.coords, pg.lens
-    poly_owner = np.repeat(is_poly, per_seg)  # position in ``rows`` of each polygon
-    n_bad = np.bincount(poly_owner[~poly_ok], minlength=len(rows))
-    n_kept = np.bincount(poly_owner[poly_ok], minlength=len(rows))
-    keep = ~((n_bad > 0) & (n_kept == 0))
-    kept_rows = rows[keep]
-    coord_offsets = _offsets(lens)
-    kept_polys = np.flatnonzero(poly_ok & keep[poly_owner])
+    usable = ~bad_size & ~outside  # bool [A]: the box passed
+    unknown = np.flatnonzero(usable & (f.seg_kind == 255))
+    if len(unknown):
+        raise _fail(path, f"annotation id {f.ids[unknown[0]]} has a segmentation that is neither polygons nor RLE")
+    pg = f.polygons
+    poly_owner = np.repeat(np.flatnonzero(f.seg_kind == SEG_POLYGONS), pg.per_seg)  # [P] annotation of each polygon
+    counted = usable[poly_owner]  # polygons of annotations whose box passed
+    n_bad = np.bincount(poly_owner[~pg.ok & counted], minlength=len(f.ids))
+    n_kept = np.bincount(poly_owner[pg.ok & counted], minlength=len(f.ids))
+    keep = usable & ~((n_bad > 0) & (n_kept == 0))
+    kept_rows = np.flatnonzero(keep)
+    coord_offsets = _offsets(pg.lens)
+    kept_polys = np.flatnonzero(pg.ok & keep[poly_owner])
     out = AnnotationColumns(
         image_index=image_index[kept_rows],
         boxes=np.stack([x1, y1, x2, y2], axis=1)[kept_rows].astype(np.float32).reshape(-1, 4),
         labels=_labels(cat_to_label, f.category_ids[kept_rows]),
-        ann_ids=f.ids[kept_rows], crowd=f.crowd[kept_rows], seg_kind=kind[keep],
-        poly_offsets=_offsets(n_kept[keep]), coord_offsets=_offsets(lens[kept_polys]),
-        coords=coords if len(kept_polys) == len(lens) else coords[_ranges(coord_offsets, kept_polys)],
-        rle=[json.dumps(s) if k == SEG_RLE else "" for s, k in zip((segs[i] for i in np.flatnonzero(keep)), kind[keep])],
+        ann_ids=f.ids[kept_rows], crowd=f.crowd[kept_rows], seg_kind=f.seg_kind[kept_rows],
+        poly_offsets=_offsets(n_kept[kept_rows]), coord_offsets=_offsets(pg.lens[kept_polys]),
+        coords=pg.coords if len(kept_polys) == len(pg.lens) else pg.coords[_ranges(coord_offsets, kept_polys)],
+        rle=[f.rle[k] for k in kept_rows.tolist()],
         bad_size=f.ids[bad_size].tolist(), outside=f.ids[outside].tolist(),
-        bad_polygon=f.ids[rows[n_bad > 0]].tolist())
+        bad_polygon=f.ids[usable & (n_bad > 0)].tolist())
     _warn_dropped(path, "zero, negative or NaN box size", out.bad_size)
     _warn_dropped(path, "boxes entirely outside the image", out.outside)
     _warn_dropped(path, "polygons of fewer than 3 points (bad polygons removed; annotation dropped if none left)",
