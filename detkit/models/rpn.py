@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms, box_iou, clip_boxes_to_image
 
+from ..layers import fp32_forward
 from ..structures import Proposals, Targets
 from .anchors import AnchorGenerator
 from .box_coder import BoxCoder
@@ -43,8 +44,8 @@ class RPNHead(nn.Module):
         for x in features:
             for conv in self.convs:
                 x = F.relu(conv(x), inplace=True)
-            logits.append(self.objectness(x))
-            deltas.append(self.anchor_deltas(x))
+            logits.append(fp32_forward(self.objectness, x))  # fp32 under autocast
+            deltas.append(fp32_forward(self.anchor_deltas, x))
         return logits, deltas
 
 

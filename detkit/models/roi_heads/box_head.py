@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import batched_nms
 
-from detkit.layers import ConvNormAct
+from detkit.layers import ConvNormAct, fp32_forward
 
 if TYPE_CHECKING:  # only for annotations; the coder is passed in by the caller
     from detkit.models.box_coder import BoxCoder
@@ -127,7 +127,7 @@ class FastRCNNPredictor(nn.Module):
         """[R, D] (or [R, C, S, S], flattened) -> (logits [R, K+1], deltas [R, 4K] or [R, 4])."""
         if x.dim() > 2:
             x = torch.flatten(x, start_dim=1)
-        return self.cls_score(x), self.bbox_pred(x)
+        return fp32_forward(self.cls_score, x), fp32_forward(self.bbox_pred, x)  # fp32 under autocast
 
 
 def _per_class_deltas(box_deltas: Tensor, gt_classes: Tensor) -> Tensor:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from detkit.layers import ConvNormAct
+from detkit.layers import ConvNormAct, fp32_forward
 
 __all__ = [
     "MaskRCNNHead", "mask_rcnn_loss", "mask_rcnn_inference", "paste_masks", "paste_masks_detectron2",
@@ -86,7 +86,7 @@ class MaskRCNNHead(nn.Module):
         for conv in self.convs:
             x = conv(x)
         x = F.relu(self.deconv(x))
-        return self.predictor(x)
+        return fp32_forward(self.predictor, x)  # fp32 under autocast
 
 
 def _select_class(mask_logits: Tensor, classes: Tensor) -> Tensor:
