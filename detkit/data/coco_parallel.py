@@ -4,7 +4,8 @@ Most of the time of a first :func:`~detkit.data.coco.load_coco` on a train2017-s
 turning JSON text into Python objects (orjson: 40 million coordinates are 40 million floats) and
 those objects into columns (:func:`~detkit.data.coco_annotations.fast_fields`). Both scale with the
 number of annotations, one after the other, so the ``annotations`` array is cut into slices between
-two of its objects and each slice is read by its own forked process, the last one by the caller::
+two of its objects and each slice is read by its own forked process (one per CPU), while the
+caller parses the rest of the file::
 
     {"images": [...], "annotations": [{...}, ..., {...}, {...}, ..., {...}], "categories": [...]}
                                       |  slice 0          | slice 1         |
@@ -117,15 +118,14 @@ def parse_in_parts(raw: bytes, processes: int) -> Optional[ParsedFile]:
     slices = _slices(raw, processes)
     if slices is None or len(slices) < 2:
         return None
-    children = [_in_child(lambda a=a, b=b: _read_slice(raw, a, b)) for a, b in slices[:-1]]
+    # every slice in a child (which exits without freeing its objects); here, meanwhile, the rest
+    children = [_in_child(lambda a=a, b=b: _read_slice(raw, a, b)) for a, b in slices]
     try:
-        mine = _read_slice(raw, *slices[-1])
-        data = orjson.loads(raw[:slices[0][0]] + raw[slices[-1][1]:])  # the rest: "annotations": []
+        data = orjson.loads(raw[:slices[0][0]] + raw[slices[-1][1]:])  # "annotations": []
     except orjson.JSONDecodeError:
         data = None
     finally:
         results = [_collect(pid, fd) for pid, fd in children]
-    results.append(mine)
     if any(r is None for r in results) or not isinstance(data, dict) or data.get("annotations") != []:
         return None
     return ParsedFile(data, concat_fields(results))
