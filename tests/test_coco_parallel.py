@@ -109,3 +109,14 @@ def test_load_coco_reads_a_large_file_in_slices_with_the_same_records_and_errors
     with pytest.raises(DatasetError, match=r"has category_id \"1\", which is not an integer id"):
         load_coco(ann, root / "images", filter_empty=True, is_train=True)
     assert used[-1] is None  # the one-by-one check of one parse named it
+
+
+def test_processes_per_file_share_the_cpus_with_the_ranks_on_the_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(coco.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert coco._parse_processes() == 8  # at most 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert coco._parse_processes() == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
+    assert coco._parse_processes() == 1  # one parse per rank: parse_in_parts declines
+    assert parse_in_parts(orjson.dumps(_small_file()), coco._parse_processes()) is None

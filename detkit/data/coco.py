@@ -199,8 +199,14 @@ def _read_file(path: Path, is_train: bool) -> tuple[dict, Fields]:
 
 
 def _parse_processes() -> int:
-    """Processes for one file: the CPUs this process may run on, at most 8."""
-    return min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    """Processes for one file: the CPUs this process may run on, shared with the other ranks that torchrun
+    started on this machine (``LOCAL_WORLD_SIZE``: they load the same file at the same time), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        ranks_here = max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+    except ValueError:
+        ranks_here = 1
+    return min(cpus // ranks_here, 8)
 
 
 def _positive_size(value: Any, path: PathLike, where: str, key: str) -> int:
