@@ -114,3 +114,21 @@ def test_fold_skips_training_bn_and_gn() -> None:
     block.eval()
     fold_frozen_bn(block)
     assert isinstance(block.a.norm, nn.Identity) and isinstance(block.b.norm, nn.GroupNorm)
+
+
+def test_fp32_forward_runs_fp32_under_bf16_autocast_only() -> None:
+    """The heads' last layers: fp32 under bf16 autocast (8 significant bits); fp16 autocast (the references'
+    AMP) and no autocast run the layer as it is."""
+    from detkit.layers import fp32_forward
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(8, 3), torch.randn(5, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).dtype == torch.bfloat16
+        out = fp32_forward(layer, x.bfloat16())
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, layer(x.bfloat16().float()))  # the bf16 input, exactly, through fp32 weights
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert fp32_forward(layer, x).dtype == torch.float16
+    assert fp32_forward(layer, x).dtype == torch.float32
+    assert fp32_forward(layer.to("meta"), x.to("meta")).device.type == "meta"  # no autocast on meta: plain call
