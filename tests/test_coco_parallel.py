@@ -120,3 +120,20 @@ def test_processes_per_file_share_the_cpus_with_the_ranks_on_the_machine(monkeyp
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert coco._parse_processes() == 1  # one parse per rank: parse_in_parts declines
     assert parse_in_parts(orjson.dumps(_small_file()), coco._parse_processes()) is None
+
+
+def test_a_fork_that_fails_midway_falls_back_to_one_parse(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The children already started are collected; the caller parses the file whole."""
+    import detkit.data.coco_parallel as cp
+
+    fork, calls = cp.os.fork, []
+
+    def fork_once() -> int:
+        calls.append(1)
+        if len(calls) > 1:
+            raise BlockingIOError("Resource temporarily unavailable")
+        return fork()
+
+    monkeypatch.setattr(cp.os, "fork", fork_once)
+    assert parse_in_parts(orjson.dumps(_small_file()), 3) is None
+    assert len(calls) == 2

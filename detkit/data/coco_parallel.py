@@ -119,13 +119,18 @@ def parse_in_parts(raw: bytes, processes: int) -> Optional[ParsedFile]:
     if slices is None or len(slices) < 2:
         return None
     # every slice in a child (which exits without freeing its objects); here, meanwhile, the rest
-    children = [_in_child(lambda a=a, b=b: _read_slice(raw, a, b)) for a, b in slices]
+    children: list[tuple[int, int]] = []
+    data = None
     try:
+        for a, b in slices:
+            children.append(_in_child(lambda a=a, b=b: _read_slice(raw, a, b)))
         data = orjson.loads(raw[:slices[0][0]] + raw[slices[-1][1]:])  # "annotations": []
-    except orjson.JSONDecodeError:
+    except (orjson.JSONDecodeError, OSError):  # OSError: no more processes or memory to fork; parse it whole
         data = None
-    finally:
+    finally:  # the children started are always collected
         results = [_collect(pid, fd) for pid, fd in children]
+    if len(results) < len(slices):
+        return None
     if any(r is None for r in results) or not isinstance(data, dict) or data.get("annotations") != []:
         return None
     return ParsedFile(data, concat_fields(results))
